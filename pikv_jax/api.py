@@ -1,0 +1,221 @@
+"""High-level API in the spirit of PiKV's `PiKVEnhancedModel`: load, generate, read measured stats.
+
+    model = PiKVModel.from_pretrained("smollm2")
+    out = model.generate(["The capital of France is"], max_new_tokens=16)
+    print(out.texts[0], model.get_stats())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pikv_jax.cache.policies.base import CachePolicy
+from pikv_jax.cache.state import full_bf16_bytes, init_cache
+from pikv_jax.config import ModelConfig
+from pikv_jax.generate import FINISH_REASONS, GenerationLoop, pad_prompts
+from pikv_jax.models.llama import CausalLM
+from pikv_jax.models.tokenizer import Tokenizer
+from pikv_jax.sampling import SamplingConfig
+
+log = logging.getLogger("pikv_jax")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    texts: list[str]
+    token_ids: list[list[int]]  # generated ids per prompt (stop token included when hit)
+    finish_reasons: list[str]
+    prompt_lengths: list[int]
+    stats: dict
+
+
+class PiKVModel:
+    """A Llama-family model plus tokenizer, generating through jitted prefill + decode loops."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: ModelConfig, *,
+                 cache_dtype=None, policy: CachePolicy | None = None, name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.name = name
+        self.graphdef, self.params = nnx.split(model)
+        self.cache_dtype = parse_dtype(cache_dtype) if cache_dtype is not None else model.dtype
+        self.policy = policy if policy is not None else CachePolicy()
+        self._compiled: dict = {}
+        self._stats: dict = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2", *, dtype="float32", cache_dtype=None,
+                        policy: CachePolicy | None = None, seed: int = 0, progress=None) -> "PiKVModel":
+        """Bundled name ("smollm2"), GGUF file, Hugging Face folder, or "random:<preset>"."""
+        from pikv_jax.models.registry import load_pretrained
+
+        model, tok, cfg = load_pretrained(name_or_path, dtype=parse_dtype(dtype), seed=seed, progress=progress)
+        return cls(model, tok, cfg, cache_dtype=cache_dtype, policy=policy, name=name_or_path)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, *, seed: int = 0, dtype="float32", **kw) -> "PiKVModel":
+        from pikv_jax.models.weights import random_model
+
+        return cls(random_model(config, seed=seed, dtype=parse_dtype(dtype)), None, config, **kw)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, text: str, *, chat: bool = False, system: str | None = None) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token id lists instead of text")
+        if not isinstance(text, str) or not text:
+            raise ValueError("prompt is empty: pass a non-empty string")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+
+    def stop_ids(self) -> tuple[int, ...]:
+        ids = {self.config.eos_token_id}
+        if self.tokenizer is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(i for i in ids if i is not None))
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 chat: bool = False, system: str | None = None, policy: CachePolicy | None = None,
+                 max_cache_tokens: int | None = None, stop_ids: Sequence[int] | None = None,
+                 callback: Callable | None = None) -> GenerationOutput:
+        """Generates for a batch of prompts (text or token ids) of different lengths.
+
+        max_cache_tokens: optional cap on cache slots per layer; a prompt that does not fit raises.
+        callback(step, tokens i32[B], emitted bool[B]) streams each step's tokens to the host.
+        """
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+        policy = self.policy if policy is None else policy
+        ids = self._prompt_ids(prompts, chat=chat, system=system)
+        pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
+        tokens, lengths = pad_prompts(ids, pad_id=pad)
+        longest = int(lengths.max())
+        if max_cache_tokens is not None and longest > max_cache_tokens:
+            raise ValueError(f"prompt of {longest} tokens is longer than the cache capacity "
+                             f"max_cache_tokens={max_cache_tokens}")
+        if longest + max_new_tokens > self.config.max_position_embeddings:
+            log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's max_position_embeddings (%d)",
+                        longest, max_new_tokens, self.config.max_position_embeddings)
+        caps = tuple(policy.capacity_for(i, tokens.shape[1], max_new_tokens)
+                     for i in range(self.config.num_hidden_layers))
+        if max_cache_tokens is not None:
+            caps = tuple(min(c, max(max_cache_tokens, tokens.shape[1])) for c in caps)
+        loop = GenerationLoop(graphdef=self.graphdef, policy=policy, sampling=sampling,
+                              max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids) if stop_ids is not None
+                              else self.stop_ids(), callback=callback)
+        cache = init_cache(len(ids), caps, num_layers=self.config.num_hidden_layers,
+                           num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.dim_per_head,
+                           dtype=self.cache_dtype)
+        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+        key = jax.random.key(seed)
+        prefill_fn, decode_fn, compile_s = self._compile(loop, tokens, lengths, cache, key)
+
+        t0 = time.perf_counter()
+        state = prefill_fn(self.params, tokens, lengths, cache, key)
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        state = decode_fn(self.params, state)
+        jax.block_until_ready(state)
+        t2 = time.perf_counter()
+        return self._finish(state, ids, t1 - t0, t2 - t1, compile_s, policy)
+
+    def _prompt_ids(self, prompts, *, chat, system) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                out.append(self.encode(p, chat=chat, system=system))
+            else:
+                p = [int(t) for t in p]
+                if not p:
+                    raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+                bad = [t for t in p if not 0 <= t < self.config.vocab_size]
+                if bad:
+                    raise ValueError(f"prompt {i} has token ids outside [0, {self.config.vocab_size}): {bad[:5]}")
+                out.append(p)
+        return out
+
+    def _compile(self, loop: GenerationLoop, tokens, lengths, cache, key):
+        """AOT-compiles prefill and decode once per (loop, shapes); returns their executables."""
+        sig = (loop, tokens.shape, tuple(cache.capacities()), cache.batch)
+        if sig in self._compiled:
+            return (*self._compiled[sig], 0.0)
+        t0 = time.perf_counter()
+        prefill = GenerationLoop.prefill.lower(loop, self.params, tokens, lengths, cache, key).compile()
+        state_shape = jax.eval_shape(lambda *a: GenerationLoop.prefill(loop, *a), self.params, tokens, lengths,
+                                     cache, key)
+        decode = GenerationLoop.decode.lower(loop, self.params, state_shape).compile()
+        compile_s = time.perf_counter() - t0
+        self._compiled[sig] = (prefill, decode)
+        return prefill, decode, compile_s
+
+    def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy) -> GenerationOutput:
+        n = np.asarray(state.num_generated)
+        toks = np.asarray(state.tokens)
+        finish = np.asarray(state.finish)
+        token_ids = [toks[i, : n[i]].tolist() for i in range(len(ids))]
+        texts = [self.tokenizer.decode(t) if self.tokenizer else "" for t in token_ids]
+        cache = state.cache
+        cfg = self.config
+        lengths = np.asarray(cache.length)
+        resident = cache.resident_tokens()  # [L, B, Hkv]
+        capacity = np.array(cache.capacities())[:, None, None]
+        decode_steps = int(state.step)
+        stats = dict(
+            policy=policy.name,
+            batch=len(ids),
+            prompt_tokens=int(sum(len(p) for p in ids)),
+            generated_tokens=int(n.sum()),
+            prefill_s=prefill_s,
+            prefill_tokens_per_s=sum(len(p) for p in ids) / prefill_s,
+            decode_steps=decode_steps,
+            decode_s=decode_s,
+            decode_ms_per_token=1000.0 * decode_s / decode_steps if decode_steps else float("nan"),
+            decode_tokens_per_s=float(n.sum() - len(ids)) / decode_s if decode_steps else float("nan"),
+            compile_s=compile_s,
+            cache_bytes=cache.nbytes(),
+            full_cache_bytes=full_bf16_bytes(lengths, num_layers=cfg.num_hidden_layers,
+                                             num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head),
+            cache_capacity_tokens=int(max(cache.capacities())),
+            kept_tokens=float(resident.mean(axis=(0, 2)).sum()),  # resident per row, averaged over layers/heads
+            seen_tokens=int(lengths.sum()),
+            cache_fill=float((resident / capacity).mean()),
+        )
+        self._stats = stats
+        return GenerationOutput(texts=texts, token_ids=token_ids, finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
+                                prompt_lengths=[len(p) for p in ids], stats=stats)
+
+    def get_stats(self) -> dict:
+        """Measured numbers of the last `generate` call (empty before the first)."""
+        return dict(self._stats)

@@ -1,0 +1,171 @@
+"""The `pikv` command: `generate` and `info` (later issues add `eval`, `bench`, `distill`).
+
+Each subcommand registers its flags in its own `add_*_args` function so that cache policies and
+compressors can contribute flags to `generate` without touching the others. Progress goes to
+stderr; with `--json` the last line of stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _progress(stage: str):
+    """A progress printer for long steps (loading tensors): a live line on a terminal, else one line."""
+    state = {"t0": time.perf_counter(), "last": -1}
+    tty = sys.stderr.isatty()
+
+    def report(done: int, total: int):
+        pct = int(100 * done / max(total, 1))
+        if done == total:
+            print(f"\r[pikv] {stage}: 100% ({total}/{total}) in {time.perf_counter() - state['t0']:.1f}s",
+                  file=sys.stderr, flush=True)
+        elif tty and pct != state["last"]:
+            state["last"] = pct
+            print(f"\r[pikv] {stage}: {pct:3d}% ({done}/{total})", end="", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _say(msg: str):
+    print(f"[pikv] {msg}", file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="smollm2",
+                   help="bundled name (smollm2), a .gguf file, a Hugging Face folder, or random:<preset>")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter/compute dtype")
+    p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="KV cache dtype (default: the model dtype)")
+
+
+def add_generate_args(p: argparse.ArgumentParser):
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat the flag for a batch of prompts")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-cache-tokens", type=int, default=None, help="cap on cache slots per layer")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of 1)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+
+
+def build_policy(args):
+    """The cache policy named by the flags (Full unless a policy flag says otherwise)."""
+    from pikv_jax.cache.policies.base import CachePolicy
+
+    return CachePolicy()
+
+
+def cmd_generate(args) -> int:
+    from pikv_jax.api import PiKVModel
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    policy = build_policy(args)
+    _say(f"loading {args.model}")
+    model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
+                                      progress=_progress("loading tensors"))
+    callback = None
+    if args.stream:
+        if len(args.prompt) != 1:
+            raise ValueError("--stream supports a single --prompt")
+        callback = _streamer(model)
+    _say("compiling and generating")
+    out = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system, policy=policy,
+                         max_cache_tokens=args.max_cache_tokens, callback=callback)
+    if args.stream:
+        print(flush=True)
+    if args.json:
+        result = {"text": out.texts[0] if len(out.texts) == 1 else out.texts,
+                  "token_ids": out.token_ids[0] if len(out.token_ids) == 1 else out.token_ids,
+                  "finish_reason": out.finish_reasons[0] if len(out.texts) == 1 else out.finish_reasons,
+                  "prompt_tokens": out.prompt_lengths, "stats": out.stats}
+        print(json.dumps(result))
+    elif not args.stream:
+        for text in out.texts:
+            print(text)
+    if not args.json:
+        s = out.stats
+        print(f"[pikv] prefill {s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_ms_per_token']:.1f} ms/token | "
+              f"cache {s['cache_bytes'] / 2**20:.2f} MiB allocated vs {s['full_cache_bytes'] / 2**20:.2f} MiB full bf16 | "
+              f"fill {100 * s['cache_fill']:.0f}% | compile {s['compile_s']:.1f}s", file=sys.stderr)
+    return 0
+
+
+def _streamer(model):
+    """Host callback printing newly decoded text; decodes the whole prefix so multi-byte tokens stay whole."""
+    ids: list[int] = []
+    printed = [""]
+
+    def cb(step, tokens, emitted):
+        if bool(emitted[0]):
+            ids.append(int(tokens[0]))
+            text = model.tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):
+                print(text[len(printed[0]):], end="", flush=True)
+                printed[0] = text
+
+    return cb
+
+
+def cmd_info(args) -> int:
+    import importlib.metadata as md
+
+    import jax
+
+    from pikv_jax.models.registry import bundled_model_path
+
+    versions = {}
+    for pkg in ("pikv-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf", "tokenizers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        bundled = bundled_model_path("smollm2")
+    except FileNotFoundError as e:
+        bundled = f"not installed ({e})"
+    info = {"python": sys.version.split()[0], "versions": versions, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "bundled_model": {"smollm2": bundled}}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pikv", description="KV-cache management for JAX LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text with a cache policy / compression")
+    add_generate_args(g)
+    g.set_defaults(func=cmd_generate)
+    i = sub.add_parser("info", help="versions, devices and the bundled model's path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pikv: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

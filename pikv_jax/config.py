@@ -1,0 +1,207 @@
+"""Static configuration: frozen, hashable dataclasses that may be closed over by `jax.jit`.
+
+Array state (parameters, caches) never lives here; only shapes, constants and choices do, so
+a config can be a static argument and two equal configs share one compiled function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling. `llama3` is Llama-3.1's wavelength-dependent interpolation;
+    `linear` divides every position by `factor`."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling.rope_type={self.rope_type!r} is not supported; allowed: {ROPE_TYPES}")
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError("rope_scaling: high_freq_factor must exceed low_freq_factor for rope_type 'llama3'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A Llama-family decoder: Llama (1-3.x), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Mistral
+    (optional sliding window). Field names follow Hugging Face's `config.json`."""
+
+    architecture: str = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # Mistral: a query sees keys with pos > q_pos - window
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r} is not supported; allowed: {ARCHITECTURES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is not given")
+        if self.dim_per_head % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.dim_per_head}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def num_params(self) -> int:
+        e, d, h, hk = self.hidden_size, self.dim_per_head, self.num_attention_heads, self.num_key_value_heads
+        attn = e * d * (h + 2 * hk) + h * d * e + (d * (h + 2 * hk) if self.attention_bias else 0)
+        mlp = 3 * e * self.intermediate_size
+        per_layer = attn + mlp + 2 * e + (2 * d if self.qk_norm else 0)
+        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        return self.num_hidden_layers * per_layer + self.vocab_size * e + e + head
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+        """Builds a config from a Hugging Face `config.json` mapping."""
+        model_type = cfg.get("model_type")
+        arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}.get(model_type)
+        if arch is None:
+            raise ValueError(f"config.json model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
+        rs = cfg.get("rope_scaling") or None
+        rope_scaling = None
+        if rs:
+            rope_type = rs.get("rope_type", rs.get("type", "default"))
+            rope_scaling = RopeScaling(
+                rope_type=rope_type,
+                factor=float(rs.get("factor", 1.0)),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
+            rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=int(cfg["num_attention_heads"]),
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            head_dim=cfg.get("head_dim"),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            qk_norm=arch == "qwen3",
+            sliding_window=(cfg.get("sliding_window") if (arch == "mistral" or cfg.get("use_sliding_window"))
+                            else None),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The inverse of `from_hf_dict`, for writing a Hugging Face checkpoint folder."""
+        model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}[self.architecture]
+        arch_name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "mistral": "MistralForCausalLM"}[self.architecture]
+        d = dict(
+            architectures=[arch_name], model_type=model_type, vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, head_dim=self.dim_per_head,
+            rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+            hidden_act="silu", bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            sliding_window=self.sliding_window, use_sliding_window=self.sliding_window is not None,
+        )
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        return d
+
+
+# Real shapes, for random-weight benchmarks and tests of loaders.
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": ModelConfig(
+        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2),
+    "llama3-8b": ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+        rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128009),
+    "qwen2-0.5b": ModelConfig(
+        architecture="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True),
+    "qwen3-0.6b": ModelConfig(
+        architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=True,
+        qk_norm=True),
+    "mistral-7b": ModelConfig(
+        architecture="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=32768),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
+    """A few-layer config for fast tests of every code path."""
+    base = dict(architecture=architecture, vocab_size=97, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0,
+                rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False,
+                attention_bias=architecture == "qwen2", qk_norm=architecture == "qwen3", eos_token_id=2)
+    base.update(overrides)
+    return ModelConfig(**base)
+

@@ -1,0 +1,144 @@
+"""Llama-family decoder in Flax NNX: Llama (incl. Llama-3 RoPE scaling), Qwen2, Qwen3, Mistral.
+
+The modules only hold parameters and compute projections; how attention reads and writes the KV
+cache lives in `models/forward.py`, so cache policies stay pure functions outside the modules.
+Submodule names mirror Hugging Face's (`layers.{i}.self_attn.q_proj`, ...) so that checkpoint
+loading is a rename plus a transpose.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pikv_jax.config import ModelConfig, RopeScaling
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as Hugging Face does)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
+    """Inverse frequencies f32[head_dim // 2], with Llama-3 or linear scaling applied."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None or scaling.rope_type == "default":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: [B, T, H, D]; positions: i32[B, T]; angles computed in float32."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Projections of grouped-query attention; the attention itself is cache-aware (forward.py)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        e, d = cfg.hidden_size, cfg.dim_per_head
+        h, hk = cfg.num_attention_heads, cfg.num_key_value_heads
+        lin = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(e, h * d, use_bias=cfg.attention_bias, **lin)
+        self.k_proj = nnx.Linear(e, hk * d, use_bias=cfg.attention_bias, **lin)
+        self.v_proj = nnx.Linear(e, hk * d, use_bias=cfg.attention_bias, **lin)
+        self.o_proj = nnx.Linear(h * d, e, use_bias=False, **lin)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hk, d
+        self.qk_norm = cfg.qk_norm
+
+    def qkv(self, x, positions, inv_freq):
+        """x: [B, T, E] -> q [B, T, H, D], k and v [B, T, Hkv, D]; RoPE applied to q and k."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def out(self, attn):
+        """attn: [B, T, H, D] -> [B, T, E]."""
+        b, t = attn.shape[:2]
+        return self.o_proj(attn.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.up_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.down_proj = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **lin)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, rngs=rngs, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, rngs=rngs, **kw)
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only language model: embeddings, `num_hidden_layers` decoder layers, final norm, head."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Linear(cfg.hidden_size, cfg.vocab_size, use_bias=False, rngs=rngs, **kw)
+
+    def inv_freq(self) -> jax.Array:
+        return rope_inv_freq(self.config.dim_per_head, self.config.rope_theta, self.config.rope_scaling)
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def logits(self, x):
+        """Final norm and output head; logits are returned in float32."""
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            w = self.embed_tokens.embedding[...]
+            return jnp.einsum("...e,ve->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...]
+        return jnp.einsum("...e,ev->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
