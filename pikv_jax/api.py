@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.cache.state import full_bf16_bytes, init_cache
+from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
+from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.generate import FINISH_REASONS, GenerationLoop, pad_prompts
 from pikv_jax.models.llama import CausalLM
@@ -103,11 +103,13 @@ class PiKVModel:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  chat: bool = False, system: str | None = None, policy: CachePolicy | None = None,
                  max_cache_tokens: int | None = None, stop_ids: Sequence[int] | None = None,
-                 callback: Callable | None = None) -> GenerationOutput:
+                 callback: Callable | None = None, suffixes: Sequence | None = None) -> GenerationOutput:
         """Generates for a batch of prompts (text or token ids) of different lengths.
 
         max_cache_tokens: optional cap on cache slots per layer; a prompt that does not fit raises.
         callback(step, tokens i32[B], emitted bool[B]) streams each step's tokens to the host.
+        suffixes: per prompt, text or ids fed after the prompt was compressed by the policy and
+          before generation (query-agnostic evaluation: compress the context, then ask).
         """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -123,22 +125,23 @@ class PiKVModel:
         if longest + max_new_tokens > self.config.max_position_embeddings:
             log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's max_position_embeddings (%d)",
                         longest, max_new_tokens, self.config.max_position_embeddings)
-        caps = tuple(policy.capacity_for(i, tokens.shape[1], max_new_tokens)
+        suffix, suffix_lengths = self._suffix_ids(suffixes, len(ids))
+        extra = 0 if suffix is None else suffix.shape[1]
+        caps = tuple(policy.capacity_for(i, tokens.shape[1], max_new_tokens + extra)
                      for i in range(self.config.num_hidden_layers))
         if max_cache_tokens is not None:
             caps = tuple(min(c, max(max_cache_tokens, tokens.shape[1])) for c in caps)
         loop = GenerationLoop(graphdef=self.graphdef, policy=policy, sampling=sampling,
                               max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids) if stop_ids is not None
                               else self.stop_ids(), callback=callback)
-        cache = init_cache(len(ids), caps, num_layers=self.config.num_hidden_layers,
-                           num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.dim_per_head,
-                           dtype=self.cache_dtype)
+        cache = init_policy_cache(policy, len(ids), caps, num_kv_heads=self.config.num_key_value_heads,
+                                  head_dim=self.config.dim_per_head, dtype=self.cache_dtype)
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         key = jax.random.key(seed)
-        prefill_fn, decode_fn, compile_s = self._compile(loop, tokens, lengths, cache, key)
+        prefill_fn, decode_fn, compile_s = self._compile(loop, tokens, lengths, cache, key, suffix, suffix_lengths)
 
         t0 = time.perf_counter()
-        state = prefill_fn(self.params, tokens, lengths, cache, key)
+        state = prefill_fn(self.params, tokens, lengths, cache, key, suffix, suffix_lengths)
         jax.block_until_ready(state)
         t1 = time.perf_counter()
         state = decode_fn(self.params, state)
@@ -166,15 +169,28 @@ class PiKVModel:
                 out.append(p)
         return out
 
-    def _compile(self, loop: GenerationLoop, tokens, lengths, cache, key):
+    def _suffix_ids(self, suffixes, batch: int):
+        if suffixes is None:
+            return None, None
+        if len(suffixes) != batch:
+            raise ValueError(f"suffixes has {len(suffixes)} entries, expected one per prompt ({batch})")
+        ids = [self.encode(x) if isinstance(x, str) else [int(t) for t in x] for x in suffixes]
+        width = max(1, max(len(x) for x in ids))
+        out = np.zeros((batch, width), np.int32)
+        for i, x in enumerate(ids):
+            out[i, : len(x)] = x
+        return jnp.asarray(out), jnp.asarray([len(x) for x in ids], jnp.int32)
+
+    def _compile(self, loop: GenerationLoop, tokens, lengths, cache, key, suffix=None, suffix_lengths=None):
         """AOT-compiles prefill and decode once per (loop, shapes); returns their executables."""
-        sig = (loop, tokens.shape, tuple(cache.capacities()), cache.batch)
+        sig = (loop, tokens.shape, tuple(cache.capacities()), cache.batch,
+               None if suffix is None else suffix.shape)
         if sig in self._compiled:
             return (*self._compiled[sig], 0.0)
         t0 = time.perf_counter()
-        prefill = GenerationLoop.prefill.lower(loop, self.params, tokens, lengths, cache, key).compile()
-        state_shape = jax.eval_shape(lambda *a: GenerationLoop.prefill(loop, *a), self.params, tokens, lengths,
-                                     cache, key)
+        args = (self.params, tokens, lengths, cache, key, suffix, suffix_lengths)
+        prefill = GenerationLoop.prefill.lower(loop, *args).compile()
+        state_shape = jax.eval_shape(lambda *a: GenerationLoop.prefill(loop, *a), *args)
         decode = GenerationLoop.decode.lower(loop, self.params, state_shape).compile()
         compile_s = time.perf_counter() - t0
         self._compiled[sig] = (prefill, decode)
@@ -215,6 +231,61 @@ class PiKVModel:
         self._stats = stats
         return GenerationOutput(texts=texts, token_ids=token_ids, finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
                                 prompt_lengths=[len(p) for p in ids], stats=stats)
+
+    def teacher_forced(self, prompts, continuations, *, policy: CachePolicy | None = None,
+                       full_logprobs: bool = False):
+        """Scores `continuations` given each prompt compressed by `policy` (teacher forcing; the
+        continuation goes through the decode path, so decode-time eviction applies).
+
+        Returns (logprobs, lengths): f32[B, T] log-probability of each continuation token (or the
+        full log-softmax f32[B, T, V] before each continuation token with `full_logprobs`), and the
+        continuation lengths i32[B]. Position t of row b is valid for t < lengths[b].
+        """
+        policy = self.policy if policy is None else policy
+        ids = self._prompt_ids(prompts, chat=False, system=None)
+        conts = [self.encode(c) if isinstance(c, str) else [int(t) for t in c] for c in continuations]
+        if len(conts) != len(ids):
+            raise ValueError(f"continuations has {len(conts)} entries, expected one per prompt ({len(ids)})")
+        if any(len(c) == 0 for c in conts):
+            raise ValueError("every continuation needs at least one token")
+        tokens, lengths = pad_prompts(ids)
+        width = max(len(c) for c in conts)
+        # feed: last prompt token's successor is cont[0]; the fed sequence is cont[:-1] scored against cont[1:],
+        # and cont[0] is scored from the prompt's own logits.
+        fed = np.zeros((len(ids), width), np.int32)
+        tgt = np.zeros((len(ids), width), np.int32)
+        for i, c in enumerate(conts):
+            fed[i, : len(c)] = c
+            tgt[i, : len(c) - 1] = c[1:]
+        caps = tuple(policy.capacity_for(i, tokens.shape[1], width) for i in range(self.config.num_hidden_layers))
+        cache = init_policy_cache(policy, len(ids), caps, num_kv_heads=self.config.num_key_value_heads,
+                                  head_dim=self.config.dim_per_head, dtype=self.cache_dtype)
+        fn = self._teacher_forced_fn(policy, full_logprobs)
+        out = fn(self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache, jnp.asarray(fed),
+                 jnp.asarray(tgt), jnp.asarray([len(c) for c in conts], jnp.int32))
+        return np.asarray(out), np.array([len(c) for c in conts], np.int32)
+
+    def _teacher_forced_fn(self, policy: CachePolicy, full_logprobs: bool):
+        key = ("teacher_forced", policy, full_logprobs)
+        if key not in self._compiled:
+            from pikv_jax.models import forward
+
+            graphdef = self.graphdef
+
+            def fn(params, tokens, lengths, cache, fed, tgt, cont_lengths):
+                model = nnx.merge(graphdef, params)
+                first_logits, cache = forward.prefill(model, tokens, lengths, cache, policy)
+                first = jax.nn.log_softmax(first_logits, axis=-1)
+                # feed cont[:-1]; step t predicts cont[t + 1]
+                _, per_step, _ = forward.extend(model, cache, fed, cont_lengths - 1, policy, targets=tgt,
+                                                full_logprobs=full_logprobs)
+                if full_logprobs:
+                    return jnp.concatenate([first[:, None], per_step[:, :-1]], axis=1)
+                lp0 = jnp.take_along_axis(first, fed[:, :1], axis=-1)
+                return jnp.concatenate([lp0, per_step[:, :-1]], axis=1)
+
+            self._compiled[key] = jax.jit(fn)
+        return self._compiled[key]
 
     def get_stats(self) -> dict:
         """Measured numbers of the last `generate` call (empty before the first)."""

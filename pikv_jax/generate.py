@@ -44,10 +44,8 @@ class DecodeState:
 
 
 def has_room(cache: KVCache, policy: CachePolicy) -> jax.Array:
-    """bool[B]: every layer and KV head of the row has a free slot (always True when evicting)."""
-    if policy.evicts:
-        return jnp.ones((cache.batch,), bool)
-    room = [jnp.all(jnp.any(layer.pos < 0, axis=-1), axis=-1) for layer in cache.layers]
+    """bool[B]: every layer can take the next token of the row (always True when evicting)."""
+    room = [policy.has_room(i, layer) for i, layer in enumerate(cache.layers)]
     return functools.reduce(jnp.logical_and, room)
 
 
@@ -86,10 +84,17 @@ class GenerationLoop:
                                    last=jnp.where(emitted, tok, state.last))
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-    def prefill(self, params, tokens, lengths, cache: KVCache, key) -> DecodeState:
-        """Prompt pass and first sampled token. tokens: i32[B, S] right-padded; lengths: i32[B]."""
+    def prefill(self, params, tokens, lengths, cache: KVCache, key, suffix=None, suffix_lengths=None) -> DecodeState:
+        """Prompt pass and first sampled token. tokens: i32[B, S] right-padded; lengths: i32[B].
+
+        suffix / suffix_lengths (i32[B, T], i32[B]): tokens fed after the prompt has been compressed
+        by the policy and before sampling starts (e.g. a question asked of a compressed context).
+        """
         model = nnx.merge(self.graphdef, params)
         logits, cache = forward.prefill(model, tokens, lengths, cache, self.policy)
+        if suffix is not None:
+            last, _, cache = forward.extend(model, cache, suffix, suffix_lengths, self.policy)
+            logits = jnp.where((suffix_lengths > 0)[:, None], last, logits)
         b = tokens.shape[0]
         state = DecodeState(step=jnp.zeros((), jnp.int32), last=jnp.zeros((b,), jnp.int32),
                             tokens=jnp.full((b, self.max_new_tokens), -1, jnp.int32),

@@ -105,7 +105,8 @@ def chunk_attention(q, k, v, q_pos, k_pos, *, sliding_window: int | None = None,
 def decode_attention(q, k, v, k_pos, q_pos, *, sliding_window: int | None = None, group_reduce: str = "mean"):
     """One query per row over a slot-ordered cache.
 
-    q: [B, H, D]; k, v: [B, Hkv, C, D]; k_pos: i32[B, Hkv, C] (-1 = empty); q_pos: i32[B].
+    q: [B, H, D]; k, v: [B, Hkv, C, D]; k_pos: i32[B, Hkv, C] (-1 = empty); q_pos: i32[B] (or
+    i32[B, Hkv] when positions are per head, as in caches that re-index positions).
     Returns out [B, H, D] (q's dtype) and mass f32[B, Hkv, C]: each slot's softmax probability,
     reduced over the G query heads that share its KV head. Empty slots get exactly 0.
     """
@@ -113,7 +114,8 @@ def decode_attention(q, k, v, k_pos, q_pos, *, sliding_window: int | None = None
     hk = k.shape[1]
     qg = q.reshape(b, hk, h // hk, d)
     logits = jnp.einsum("bhgd,bhcd->bhgc", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-    mask = visible(q_pos[:, None, None, None], k_pos[:, :, None, :], sliding_window)
+    qp = q_pos[:, None, None, None] if q_pos.ndim == 1 else q_pos[:, :, None, None]
+    mask = visible(qp, k_pos[:, :, None, :], sliding_window)
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
     out = jnp.einsum("bhgc,bhcd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)

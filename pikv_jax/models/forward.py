@@ -9,12 +9,13 @@ Padding convention: prompts are right-padded; `lengths[b]` tokens of row b are r
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pikv_jax.attention import dispatch
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import KVCache
-from pikv_jax.models.llama import CausalLM
+from pikv_jax.models.llama import CausalLM, apply_rope
 
 
 def prompt_positions(tokens, lengths):
@@ -51,6 +52,8 @@ def forward_full(model: CausalLM, tokens, lengths, *, return_hidden: bool = Fals
 def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolicy):
     """Runs the prompt through the model, letting `policy` fill each layer's (empty) cache.
 
+    The prompt's own attention is always exact (full causal attention over the prompt); the
+    policy only decides what is kept for later tokens (kvpress semantics).
     tokens: i32[B, S] right-padded; lengths: i32[B] >= 1. Returns (logits f32[B, V] at each row's
     last real token, cache with length = lengths).
     """
@@ -63,10 +66,14 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
     new_layers = []
     for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
         h = layer.input_layernorm(x)
-        q, k, v = layer.self_attn.qkv(h, jnp.maximum(pos, 0), inv_freq)
+        q_raw, k_raw, v = layer.self_attn.qkv(h, jnp.maximum(pos, 0), inv_freq, rope=False)
+        q, k = apply_rope(q_raw, jnp.maximum(pos, 0), inv_freq), apply_rope(k_raw, jnp.maximum(pos, 0), inv_freq)
         out, key_mass = dispatch.chunk_attention(q, k, v, pos, pos, sliding_window=cfg.sliding_window,
-                                                 mass_from=mass_from, causal_prefix=True)
-        ctx = PrefillContext(q=q, k=k, v=v, pos=pos, lengths=lengths, key_mass=key_mass, shared=shared)
+                                                 mass_from=mass_from, group_reduce=policy.group_reduce,
+                                                 causal_prefix=True)
+        raw = policy.stores_raw_keys
+        ctx = PrefillContext(q=q, k=k, v=v, pos=pos, lengths=lengths, key_mass=key_mass, shared=shared,
+                             q_raw=q_raw if raw else None, k_raw=k_raw if raw else None)
         new_layers.append(policy.prefill(i, layer_cache, ctx))
         x = _mlp_block(layer, x + layer.self_attn.out(out))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
@@ -77,10 +84,10 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
 def decode_step(model: CausalLM, cache: KVCache, tokens, active, policy: CachePolicy):
     """Feeds one token per row. tokens: i32[B]; active: bool[B] (inactive rows leave the cache as is).
 
-    Per layer: the policy picks a slot (free or victim), the new key/value is written there, the
-    query attends over the cache (which now includes itself) and the policy observes the per-slot
-    attention mass. Returns (logits f32[B, V], new cache, wrote bool[B]) where `wrote` is False for
-    rows that had no room in some layer (a full, non-evicting cache).
+    Per layer: the policy names a slot (free, or a victim it evicts), the new key/value is written
+    there, the query attends over the cache (which now includes itself), and the policy observes the
+    per-slot attention mass. Returns (logits f32[B, V], new cache, wrote bool[B]); `wrote` is False
+    for rows that had no room in some layer (a full, non-evicting cache).
     """
     cfg = model.config
     q_pos = cache.length
@@ -90,12 +97,13 @@ def decode_step(model: CausalLM, cache: KVCache, tokens, active, policy: CachePo
     wrote = active
     for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
         h = layer.input_layernorm(x)
-        q, k, v = layer.self_attn.qkv(h, q_pos[:, None], inv_freq)
-        slot, ok = policy.decode_slot(i, layer_cache, q_pos)
+        q, k, v = layer.self_attn.qkv(h, q_pos[:, None], inv_freq, rope=not policy.stores_raw_keys)
+        layer_cache, slot, ok = policy.decode_slot(i, layer_cache, q_pos)
         writing = active & ok
         wrote = wrote & ok
-        layer_cache = dispatch.write_token(layer_cache, k[:, 0], v[:, 0], q_pos, slot, writing)
-        out, mass = dispatch.decode_attention(q[:, 0], layer_cache, q_pos, sliding_window=cfg.sliding_window)
+        layer_cache = policy.write(i, layer_cache, k[:, 0], v[:, 0], q_pos, slot, writing)
+        out, mass = policy.attend(i, layer_cache, q[:, 0], q_pos, sliding_window=cfg.sliding_window,
+                                  inv_freq=inv_freq)
         new_layers.append(policy.observe(i, layer_cache, mass, q_pos, writing))
         x = _mlp_block(layer, x + layer.self_attn.out(out[:, None]))
     logits = model.logits(x)[:, 0]
@@ -103,4 +111,38 @@ def decode_step(model: CausalLM, cache: KVCache, tokens, active, policy: CachePo
     return logits, cache.replace(layers=tuple(new_layers), length=length), wrote
 
 
-__all__ = ["forward_full", "prefill", "decode_step", "prompt_positions"]
+
+def extend(model: CausalLM, cache: KVCache, tokens, lengths, policy: CachePolicy, *, targets=None,
+           full_logprobs: bool = False):
+    """Feeds a right-padded chunk of tokens after the cache's contents, one decode step per token
+    (so decode-time eviction applies exactly as in generation), for teacher forcing.
+
+    tokens: i32[B, T]; lengths: i32[B] real tokens per row (0 allowed). targets: optional i32[B, T],
+    the token expected after each fed token. Returns (logits f32[B, V] after each row's last real
+    token (zeros for rows with length 0), per-step output or None, cache); the per-step output is
+    logprobs f32[B, T] of `targets` (0 past a row's length), or with `full_logprobs` the whole
+    log-softmax f32[B, T, V].
+    """
+    b, t = tokens.shape
+    vocab = model.config.vocab_size
+    tgt = None if targets is None else jnp.swapaxes(targets, 0, 1)
+
+    def step(carry, i):
+        cache, last = carry
+        active = i < lengths
+        logits, cache, _ = decode_step(model, cache, tokens[:, i], active, policy)
+        last = jnp.where(active[:, None], logits, last)
+        if full_logprobs:
+            return (cache, last), jax.nn.log_softmax(logits, axis=-1)
+        if tgt is None:
+            return (cache, last), None
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[i][:, None], axis=-1)[:, 0]
+        return (cache, last), jnp.where(active, lp, 0.0)
+
+    (cache, last), per_step = jax.lax.scan(step, (cache, jnp.zeros((b, vocab), jnp.float32)), jnp.arange(t))
+    if per_step is not None:
+        per_step = jnp.swapaxes(per_step, 0, 1)
+    return last, per_step, cache
+
+
+__all__ = ["decode_step", "extend", "forward_full", "prefill", "prompt_positions"]

@@ -48,15 +48,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> j
     return jnp.where(is_medium, smoothed, scaled)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE. x: [B, T, H, D]; positions: i32[B, T]; angles computed in float32."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+def rotate(x, positions, inv_freq):
+    """Rotate-half RoPE with one position per vector. x: [..., D]; positions: i32[...] (x.shape[:-1])."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
     half = x.shape[-1] // 2
     x32 = x.astype(jnp.float32)
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x: [B, T, H, D]; positions: i32[B, T] shared by the heads; float32 angles."""
+    return rotate(x, jnp.broadcast_to(positions[:, :, None], x.shape[:-1]), inv_freq)
 
 
 class Attention(nnx.Module):
@@ -76,14 +80,17 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, hk, d
         self.qk_norm = cfg.qk_norm
 
-    def qkv(self, x, positions, inv_freq):
-        """x: [B, T, E] -> q [B, T, H, D], k and v [B, T, Hkv, D]; RoPE applied to q and k."""
+    def qkv(self, x, positions, inv_freq, *, rope: bool = True):
+        """x: [B, T, E] -> q [B, T, H, D], k and v [B, T, Hkv, D]; RoPE applied to q and k unless
+        `rope` is False (policies that position keys inside the cache rotate them later)."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if not rope:
+            return q, k, v
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def out(self, attn):

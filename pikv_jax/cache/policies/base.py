@@ -1,35 +1,46 @@
-"""The cache-policy protocol and the Full policy (no eviction), which every other policy extends.
+"""The cache-policy protocol, and `CachePolicy` itself: the Full cache (no eviction) that every
+policy extends.
 
-A policy is a frozen, hashable dataclass of constants (static under jit) with pure methods that the
-model's forward calls at three points of each layer:
+A policy is a frozen, hashable dataclass of constants (static under jit) with pure methods that
+the model's forward calls for each layer:
 
-1. `prefill(layer, cache, ctx)`: after the prompt's keys are computed, decide what the empty cache
-   keeps (all of it, or a scored subset) and write it.
-2. `decode_slot(layer, cache, q_pos)`: before a decoded token is written, name the slot per
-   (row, KV head): a free slot, else a victim (evicting policies), else report the row full.
-3. `observe(layer, cache, mass, q_pos, active)`: after attention, fold this step's per-slot
-   attention mass (reduced over the GQA group) into the policy's scores.
+prefill   `prefill(layer, cache, ctx)`: the prompt's keys are computed; choose what the empty
+          cache keeps (everything, or the top-`budget` tokens by `prefill_scores`, with sinks and
+          the recent window protected) and write it with the decode scorer's initial scores.
+decode    `decode_slot(layer, cache, q_pos)`: name the slot for the new token per (row, KV head):
+          a free slot, else (evicting policies) the lowest-scored unprotected slot;
+          `write(...)`: store the token; `attend(...)`: attention over the cache, returning the
+          per-slot attention mass reduced over each GQA group; `observe(...)`: fold that mass
+          into the scores.
+
+Budgets: `budget_ratio` keeps ceil(ratio * L_b) prompt tokens of a row with L_b prompt tokens,
+`budget_tokens` keeps min(N, L_b); neither = keep everything. Protected tokens: the first `n_sink`
+positions and the `window` most recent positions of each row are never evicted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from pikv_jax.attention import dispatch
 from pikv_jax.cache import ops
-from pikv_jax.cache.state import LayerCache
+from pikv_jax.cache.state import KVCache, LayerCache, init_layer_cache
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillContext:
     """What a policy may look at when compressing one layer's prompt (trace-time values).
 
-    q: [B, S, H, D]; k, v: [B, S, Hkv, D]; pos: i32[B, S] (-1 = padding); lengths: i32[B];
-    key_mass: f32[B, Hkv, S] or None (attention mass from the queries `prefill_mass_from` chose);
-    shared: a dict that earlier layers may write into (FastV ranks tokens at layer K for layers > K).
+    q: [B, S, H, D]; k, v: [B, S, Hkv, D] (keys after RoPE); pos: i32[B, S] (-1 = padding);
+    lengths: i32[B]; key_mass: f32[B, Hkv, S] or None (attention mass from the queries chosen by
+    `prefill_mass_from`, reduced over each GQA group); shared: a dict that earlier layers may write
+    into (FastV ranks tokens at layer K for the layers above it); q_raw, k_raw: before RoPE, given
+    only to policies whose `stores_raw_keys` is True.
     """
 
     q: jax.Array
@@ -39,34 +50,243 @@ class PrefillContext:
     lengths: jax.Array
     key_mass: jax.Array | None
     shared: dict[str, Any]
+    q_raw: jax.Array | None = None  # before RoPE, only for policies with stores_raw_keys
+    k_raw: jax.Array | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.k.shape[1]
+
+
+def protected_mask(pos, q_pos, n_sink: int, window: int):
+    """bool, shape of `pos`: sink positions (< n_sink) and the `window` most recent positions.
+
+    pos: i32[B, ...] slot positions (-1 empty); q_pos: i32[B] position of the newest token of the
+    row (the token being written at decode, length - 1 at prefill). A window of W protects
+    positions q_pos - W + 1 .. q_pos.
+    """
+    qp = q_pos.reshape(q_pos.shape + (1,) * (pos.ndim - 1))
+    return (pos >= 0) & ((pos < n_sink) | (pos > qp - window))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CachePolicy:
-    """Full cache: keep every token; a row whose cache has no free slot stops generating."""
+    """Full cache: keeps every token; a row whose cache has no free slot stops generating.
+
+    n_sink: first positions never evicted (attention sinks), default 4.
+    window: most recent positions never evicted, default 0 (policies set their own).
+    budget_ratio / budget_tokens: prompt tokens kept per row at prefill (see module docstring).
+    group_reduce: how per-query-head scores are reduced over a GQA group: mean | max | sum.
+    decode_evict: evict at decode time so the cache never grows past the budget; when False the
+      cache keeps the prefill selection and grows by one slot per generated token.
+    evict_every: evict this many tokens at once when the cache is full (1 = every step); the
+      cache then holds budget + evict_every - 1 slots.
+    """
 
     name: ClassVar[str] = "full"
-    evicts: ClassVar[bool] = False  # True when decode_slot may overwrite a resident token
+    selects_at_prefill: ClassVar[bool] = True  # uses prefill_scores to choose kept prompt tokens
 
-    def prefill_mass_from(self, lengths: jax.Array) -> jax.Array | None:
-        """Which prompt queries' attention mass the policy needs: i32[B] position threshold, or None."""
-        return None
+    n_sink: int = 4
+    window: int = 0
+    budget_ratio: float | None = None
+    budget_tokens: int | None = None
+    group_reduce: str = "mean"
+    decode_evict: bool = False
+    evict_every: int = 1
 
-    def prefill(self, layer: int, cache: LayerCache, ctx: PrefillContext) -> LayerCache:
-        return ops.write_prompt(cache, ctx.k, ctx.v, ctx.pos)
+    def __post_init__(self):
+        if self.budget_ratio is not None and self.budget_tokens is not None:
+            raise ValueError("give either budget_ratio or budget_tokens, not both")
+        if self.budget_ratio is not None and not (0.0 < self.budget_ratio <= 1.0):
+            raise ValueError(f"budget_ratio must be in (0, 1], got {self.budget_ratio}")
+        if self.budget_tokens is not None and (not isinstance(self.budget_tokens, int) or self.budget_tokens < 1):
+            raise ValueError(f"budget_tokens must be an integer >= 1, got {self.budget_tokens!r}")
+        if self.n_sink < 0 or self.window < 0:
+            raise ValueError(f"n_sink and window must be >= 0, got n_sink={self.n_sink}, window={self.window}")
+        if self.budget_tokens is not None and self.budget_tokens <= self.n_sink + self.window:
+            raise ValueError(f"budget_tokens={self.budget_tokens} must be larger than n_sink + window = "
+                             f"{self.n_sink} + {self.window}: nothing would be left to choose")
+        if self.group_reduce not in ("mean", "max", "sum"):
+            raise ValueError(f"group_reduce={self.group_reduce!r}; allowed: mean, max, sum")
+        if not isinstance(self.evict_every, int) or self.evict_every < 1:
+            raise ValueError(f"evict_every must be an integer >= 1, got {self.evict_every!r}")
 
-    def decode_slot(self, layer: int, cache: LayerCache, q_pos: jax.Array):
-        """Returns slot i32[B, Hkv] and ok bool[B] (False: the row has no room for the token)."""
-        slot, has_free = ops.first_free_slot(cache.pos)
-        return slot, jnp.all(has_free, axis=-1)
+    # ------------------------------------------------------------------ budgets and capacity
 
-    def observe(self, layer: int, cache: LayerCache, mass: jax.Array, q_pos: jax.Array,
-                active: jax.Array) -> LayerCache:
-        return cache
+    @property
+    def has_budget(self) -> bool:
+        return self.budget_ratio is not None or self.budget_tokens is not None
+
+    @property
+    def evicts(self) -> bool:
+        """True when decode may overwrite a resident token (the cache is never 'full')."""
+        return self.decode_evict
+
+    def layer_budget(self, layer: int, prompt_len: int) -> int:
+        """Static number of prompt tokens this layer keeps for a (padded) prompt of `prompt_len`."""
+        if self.budget_tokens is not None:
+            k = self.budget_tokens
+        elif self.budget_ratio is not None:
+            k = math.ceil(self.budget_ratio * prompt_len)
+        else:
+            return prompt_len
+        if self.budget_ratio is not None and k <= self.n_sink + self.window and prompt_len > self.n_sink + self.window:
+            raise ValueError(f"budget_ratio={self.budget_ratio} keeps {k} tokens of a {prompt_len}-token prompt, "
+                             f"not more than n_sink + window = {self.n_sink + self.window}")
+        return min(k, prompt_len)
+
+    def keeps_whole_prompt(self, prompt_len: int) -> bool:
+        """True when every row keeps all its prompt tokens (no budget, ratio 1, or tokens >= S)."""
+        return (not self.has_budget or self.budget_ratio == 1.0
+                or (self.budget_tokens is not None and self.budget_tokens >= prompt_len))
+
+    def base_row_budget(self, lengths):
+        """i32[B]: tokens each row would keep from its own prompt length, before any cap."""
+        if self.budget_tokens is not None:
+            return jnp.full_like(lengths, self.budget_tokens)
+        if self.budget_ratio is not None:
+            return jnp.ceil(lengths.astype(jnp.float32) * self.budget_ratio - 1e-6).astype(jnp.int32)
+        return lengths
+
+    def row_budget(self, layer: int, lengths, prompt_len: int):
+        """i32[B]: tokens row b keeps in `layer` (never more than its length or the layer's slots)."""
+        return jnp.minimum(jnp.minimum(self.base_row_budget(lengths), lengths), self.layer_budget(layer, prompt_len))
 
     def capacity_for(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
-        """Slots this policy needs in `layer` for a prompt of `prompt_len` plus generation."""
-        return prompt_len + max_new_tokens
+        """Slots `layer` needs for a prompt of `prompt_len` (padded) plus `max_new_tokens` tokens."""
+        kept = self.layer_budget(layer, prompt_len)
+        if self.decode_evict:
+            if not self.has_budget:
+                raise ValueError(f"{self.name}: decode-time eviction needs a budget (budget_ratio or budget_tokens)")
+            return kept + self.evict_every - 1
+        return kept + max_new_tokens
+
+    # ------------------------------------------------------------------ layout
+
+    def init_layer_cache(self, layer: int, batch: int, num_kv_heads: int, capacity: int, head_dim: int,
+                         dtype) -> Any:
+        """The empty cache of one layer (uniform [B, Hkv, C, D] unless a policy needs another layout)."""
+        return init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype)
+
+    def has_room(self, layer: int, cache: LayerCache):
+        """bool[B]: the row can take one more token in this layer without evicting."""
+        if self.evicts:
+            return jnp.ones((cache.pos.shape[0],), bool)
+        return jnp.all(jnp.any(cache.pos < 0, axis=-1), axis=-1)
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill_mass_from(self, lengths):
+        """Which prompt queries' attention mass the attention pass accumulates: i32[B] position
+        threshold (0 = all queries), or None when the policy needs no attention mass."""
+        return None
+
+    def prefill_scores(self, layer: int, ctx: PrefillContext):
+        """f32[B, Hkv, S] importance of each prompt token (higher = keep)."""
+        raise NotImplementedError(f"{self.name} does not score prompt tokens")
+
+    def initial_scores(self, layer: int, ctx: PrefillContext):
+        """f32[B, Hkv, S] the decode-time score kept prompt tokens start with."""
+        return jnp.zeros(ctx.pos.shape[:1] + (ctx.k.shape[2],) + ctx.pos.shape[1:], jnp.float32)
+
+    def prefill(self, layer: int, cache: LayerCache, ctx: PrefillContext, *, scores=None) -> LayerCache:
+        """Writes the kept prompt tokens. `scores` overrides `prefill_scores` (composition)."""
+        s = ctx.prompt_len
+        budget = self.layer_budget(layer, s)
+        init = self.initial_scores(layer, ctx)
+        if self.keeps_whole_prompt(s):
+            return ops.write_prompt(cache, ctx.k, ctx.v, ctx.pos, score=init)
+        if scores is None:
+            scores = self.prefill_scores(layer, ctx)
+        idx, ok = select_top(scores, ctx.pos, ctx.lengths, budget, self.row_budget(layer, ctx.lengths, s),
+                             n_sink=self.n_sink, window=self.recent_window(budget))
+        return ops.gather_prompt(cache, ctx.k, ctx.v, ctx.pos, idx, ok, score=init)
+
+    # ------------------------------------------------------------------ decode
+
+    def recent_window(self, budget: int) -> int:
+        """Most recent positions protected when `budget` tokens are kept (default: `window`)."""
+        return self.window
+
+    def eviction_scores(self, layer: int, cache: LayerCache, q_pos):
+        """f32[B, Hkv, C]: lower = evicted first (default: the accumulated `score`)."""
+        return cache.score
+
+    def _unprotected_scores(self, layer: int, cache: LayerCache, q_pos):
+        window = self.recent_window(cache.capacity - (self.evict_every - 1))
+        keep = protected_mask(cache.pos, q_pos, self.n_sink, window)
+        return jnp.where(keep, jnp.inf, self.eviction_scores(layer, cache, q_pos))
+
+    def victim(self, layer: int, cache: LayerCache, q_pos):
+        """i32[B, Hkv]: the slot to overwrite in a full cache (lowest unprotected score)."""
+        return jnp.argmin(self._unprotected_scores(layer, cache, q_pos), axis=-1).astype(jnp.int32)
+
+    def decode_slot(self, layer: int, cache: LayerCache, q_pos):
+        """-> (cache, slot i32[B, Hkv], ok bool[B]). A free slot if there is one; else, when
+        evicting, the victim (or, with evict_every = N, the N lowest-scored unprotected slots are
+        freed at once and the first of them is used)."""
+        slot, has_free = ops.first_free_slot(cache.pos)
+        if not self.decode_evict:
+            return cache, slot, jnp.all(has_free, axis=-1)
+        full = ~has_free  # [B, Hkv]
+        ok = jnp.ones(slot.shape[:1], bool)
+        if self.evict_every == 1:
+            return cache, jnp.where(full, self.victim(layer, cache, q_pos), slot), ok
+        n = min(self.evict_every, cache.capacity)
+        neg, victims = jax.lax.top_k(-self._unprotected_scores(layer, cache, q_pos), n)  # [B, Hkv, n]
+        chosen = full[..., None] & ((jnp.arange(n) == 0) | (neg > -jnp.inf))  # never a protected extra
+        evict = jnp.put_along_axis(jnp.zeros(cache.pos.shape, bool), victims, chosen, axis=-1, inplace=False)
+        cache = cache.replace(pos=jnp.where(evict, -1, cache.pos), score=jnp.where(evict, 0.0, cache.score))
+        return cache, jnp.where(full, victims[..., 0].astype(jnp.int32), slot), ok
+
+    def new_token_score(self, layer: int, k, q_pos):
+        """f32[B, Hkv] score a freshly written token starts with (k: [B, Hkv, D])."""
+        return jnp.zeros(k.shape[:2], jnp.float32)
+
+    def write(self, layer: int, cache: LayerCache, k, v, q_pos, slot, active) -> LayerCache:
+        cache = dispatch.write_token(cache, k, v, q_pos, slot, active)
+        score = self.new_token_score(layer, k, q_pos)
+        b, hk = slot.shape
+        si = jnp.where(active[:, None], slot, cache.capacity)
+        return cache.replace(score=cache.score.at[jnp.arange(b)[:, None], jnp.arange(hk)[None], si].set(
+            score, mode="drop"))
+
+    stores_raw_keys: ClassVar[bool] = False  # keys cached before RoPE; `attend` rotates them
+
+    def attend(self, layer: int, cache: LayerCache, q, q_pos, *, sliding_window=None, inv_freq=None):
+        """One query per row -> (out [B, H, D], mass f32[B, Hkv, C]). q is after RoPE unless
+        `stores_raw_keys`, in which case `inv_freq` is given to rotate q and the cached keys."""
+        return dispatch.decode_attention(q, cache, q_pos, sliding_window=sliding_window,
+                                         group_reduce=self.group_reduce)
+
+    def observe(self, layer: int, cache: LayerCache, mass, q_pos, active) -> LayerCache:
+        return cache
+
+
+def select_top(scores, pos, lengths, budget: int, row_budget, *, n_sink: int, window: int):
+    """Top-`budget` prompt indices per (row, head) with sinks and the recent window forced in.
+
+    scores: f32[B, Hkv, S]; pos: i32[B, S]; lengths, row_budget: i32[B].
+    Returns idx i32[B, Hkv, budget] and ok bool[B, Hkv, budget] (False past the row's budget or
+    its valid tokens). Protected tokens rank first, padding last.
+    """
+    b, hk, s = scores.shape
+    pos_h = jnp.broadcast_to(pos[:, None, :], (b, hk, s))
+    protect = protected_mask(pos_h, lengths - 1, n_sink, window)
+    ranked = jnp.where(protect, jnp.inf, scores.astype(jnp.float32))
+    ranked = jnp.where(pos_h >= 0, ranked, -jnp.inf)
+    _, idx = jax.lax.top_k(ranked, budget)
+    rank = jnp.arange(budget)[None, None, :]
+    ok = (rank < row_budget[:, None, None]) & (jnp.take_along_axis(pos_h, idx, axis=-1) >= 0)
+    return idx.astype(jnp.int32), ok
+
+
+def init_policy_cache(policy: CachePolicy, batch: int, capacities: tuple[int, ...], *, num_kv_heads: int,
+                      head_dim: int, dtype) -> KVCache:
+    """An empty KVCache whose layers use the policy's layout and per-layer capacities."""
+    layers = tuple(policy.init_layer_cache(i, batch, num_kv_heads, c, head_dim, dtype)
+                   for i, c in enumerate(capacities))
+    return KVCache(layers=layers, length=jnp.zeros((batch,), jnp.int32))
 
 
 FullCache = CachePolicy
