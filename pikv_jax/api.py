@@ -206,7 +206,7 @@ class PiKVModel:
         cfg = self.config
         lengths = np.asarray(cache.length)
         resident = cache.resident_tokens()  # [L, B, Hkv]
-        capacity = np.array(cache.capacities())[:, None, None]
+        slots = sum(layer.slots_per_row for layer in cache.layers) * len(ids)
         decode_steps = int(state.step)
         stats = dict(
             policy=policy.name,
@@ -226,7 +226,7 @@ class PiKVModel:
             cache_capacity_tokens=int(max(cache.capacities())),
             kept_tokens=float(resident.mean(axis=(0, 2)).sum()),  # resident per row, averaged over layers/heads
             seen_tokens=int(lengths.sum()),
-            cache_fill=float((resident / capacity).mean()),
+            cache_fill=float(resident.sum() / slots),
         )
         self._stats = stats
         return GenerationOutput(texts=texts, token_ids=token_ids, finish_reasons=[FINISH_REASONS[int(f)] for f in finish],

@@ -84,6 +84,20 @@ class LayerCache:
     def nbytes(self) -> int:
         return tree_nbytes(self)
 
+    def head_positions(self) -> jax.Array:
+        """i32[B, Hkv, C]: resident positions per KV head (-1 = none); the layout-independent view
+        that statistics and invariant tests use (other cache layouts implement the same method)."""
+        return self.pos
+
+    @property
+    def slots_per_row(self) -> int:
+        """Token slots allocated per row, all KV heads together."""
+        return self.num_kv_heads * self.capacity
+
+    def resident_per_head(self) -> jax.Array:
+        """i32[B, Hkv]: tokens resident per row and KV head."""
+        return jnp.sum(self.head_positions() >= 0, axis=-1)
+
 
 @_pytree_dataclass
 class KVCache:
@@ -107,11 +121,12 @@ class KVCache:
         return tree_nbytes(self)
 
     def capacities(self) -> tuple[int, ...]:
+        """Slots per layer (per KV head for uniform layouts; pooled layouts report their pool)."""
         return tuple(layer.capacity for layer in self.layers)
 
     def resident_tokens(self) -> np.ndarray:
         """i64[L, B, Hkv]: tokens resident per layer, row and KV head (host-side statistic)."""
-        return np.stack([np.asarray(jnp.sum(layer.valid, axis=-1)) for layer in self.layers])
+        return np.stack([np.asarray(layer.resident_per_head()) for layer in self.layers])
 
 
 def full_bf16_bytes(num_tokens: int | np.ndarray, *, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
