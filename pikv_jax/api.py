@@ -122,6 +122,8 @@ class PiKVModel:
         if max_cache_tokens is not None and longest > max_cache_tokens:
             raise ValueError(f"prompt of {longest} tokens is longer than the cache capacity "
                              f"max_cache_tokens={max_cache_tokens}")
+        if max_cache_tokens is not None and tokens.shape[1] > max_cache_tokens:
+            tokens = tokens[:, :max_cache_tokens]  # only padding goes; else the cap below would be the padded length
         if longest + max_new_tokens > self.config.max_position_embeddings:
             log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's max_position_embeddings (%d)",
                         longest, max_new_tokens, self.config.max_position_embeddings)
@@ -209,7 +211,7 @@ class PiKVModel:
         slots = sum(layer.slots_per_row for layer in cache.layers) * len(ids)
         decode_steps = int(state.step)
         stats = dict(
-            policy=policy.name,
+            policy=policy.label,
             batch=len(ids),
             prompt_tokens=int(sum(len(p) for p in ids)),
             generated_tokens=int(n.sum()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -56,13 +57,74 @@ def add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--max-cache-tokens", type=int, default=None, help="cap on cache slots per layer")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
+    add_policy_args(p)
 
 
-def build_policy(args):
+def add_policy_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("cache policy")
+    g.add_argument("--policy", default="full", help="cache policy: full, streaming_llm, h2o, lru, tova, knorm, "
+                   "keydiff, snapkv, pyramidkv, adakv, quest, duo_attention")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--budget", type=float, default=None, help="kept fraction of the prompt, in (0, 1]")
+    b.add_argument("--budget-tokens", type=int, default=None, help="kept prompt tokens per row (and cache size "
+                   "under decode-time eviction)")
+    g.add_argument("--decode-policy", default=None,
+                   help="a second policy that evicts at decode time after --policy selected at prefill "
+                        "(e.g. --policy snapkv --decode-policy h2o)")
+    g.add_argument("--n-sink", type=int, default=None, help="sink tokens never evicted (default 4)")
+    g.add_argument("--window", type=int, default=None, help="recent tokens never evicted")
+    g.add_argument("--evict-every", type=int, default=None, help="evict N tokens at once every N steps")
+    g.add_argument("--decode-evict", dest="decode_evict", action="store_true", default=None,
+                   help="evict at decode time so the cache stays at the budget")
+    g.add_argument("--no-decode-evict", dest="decode_evict", action="store_false",
+                   help="keep the prefill selection and append decoded tokens")
+    g.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other option of the policy (repeatable), e.g. obs_window=32 or recent_ratio=0.3")
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_policy(args, num_layers: int):
     """The cache policy named by the flags (Full unless a policy flag says otherwise)."""
-    from pikv_jax.cache.policies.base import CachePolicy
+    from pikv_jax.cache.policies import Composite, make_policy
 
-    return CachePolicy()
+    options = {}
+    for item in args.policy_option:
+        if "=" not in item:
+            raise ValueError(f"--policy-option expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    for flag in ("n_sink", "window", "evict_every", "decode_evict"):
+        if getattr(args, flag) is not None:
+            options[flag] = getattr(args, flag)
+    budget = {}
+    if args.budget is not None:
+        if not 0.0 < args.budget <= 1.0:
+            raise ValueError(f"--budget must be in (0, 1], got {args.budget}")
+        budget["budget_ratio"] = args.budget
+    if args.budget_tokens is not None:
+        if args.budget_tokens < 1:
+            raise ValueError(f"--budget-tokens must be >= 1, got {args.budget_tokens}")
+        budget["budget_tokens"] = args.budget_tokens
+    if args.policy in ("full", "none") and (budget or options):
+        raise ValueError("--budget/--budget-tokens and policy options need a --policy other than full")
+    if args.decode_policy is None:
+        return make_policy(args.policy, num_layers=num_layers, **budget, **options)
+    prefill = make_policy(args.policy, num_layers=num_layers, **budget)
+    decode = make_policy(args.decode_policy, num_layers=num_layers, **options)
+    return Composite(prefill_policy=prefill, decode_policy=decode)
 
 
 def cmd_generate(args) -> int:
@@ -70,10 +132,19 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    policy = build_policy(args)
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.max_cache_tokens is not None and args.max_cache_tokens < 1:
+        raise ValueError(f"--max-cache-tokens must be >= 1, got {args.max_cache_tokens}")
+    build_policy(args, num_layers=1)  # validate the flags before the (slow) model load
     _say(f"loading {args.model}")
     model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
                                       progress=_progress("loading tensors"))
+    policy = build_policy(args, model.config.num_hidden_layers)
     callback = None
     if args.stream:
         if len(args.prompt) != 1:

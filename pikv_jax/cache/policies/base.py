@@ -111,6 +111,11 @@ class CachePolicy:
         if not isinstance(self.evict_every, int) or self.evict_every < 1:
             raise ValueError(f"evict_every must be an integer >= 1, got {self.evict_every!r}")
 
+    @property
+    def label(self) -> str:
+        """Name shown in stats and reports."""
+        return self.name
+
     # ------------------------------------------------------------------ budgets and capacity
 
     @property
