@@ -163,3 +163,87 @@ def smollm2_stepwise(smollm2, reference):
     full = run_full_on_continuations(gd, params, prompts, gen, pad_to=48)
     return dict(names=names, prompts=prompts, logits=logits, generated=gen, wrote=wrote, length=length,
                 full=full)
+
+
+TINY_PROMPT_LENS = (3, 8, 11)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A PiKVModel over a tiny random Llama (no tokenizer) whose greedy output is varied, with
+    three prompts of different lengths. Shared so that compiled generation is reused across files."""
+    import numpy as np
+
+    import numpy_reference
+    from pikv_jax.api import PiKVModel
+    from pikv_jax.config import tiny_config
+    from pikv_jax.models.weights import build_model
+
+    cfg = tiny_config("llama")
+    model = PiKVModel(build_model(cfg, numpy_reference.random_weights(cfg.to_hf_dict(), seed=7)), None, cfg)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in TINY_PROMPT_LENS]
+    return model, prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# The slow end-to-end CLI run (tests/test_cli.py) loads SmolLM2 and compiles in a fresh process.
+# When that test is selected it starts in the background as the session begins, so its load and
+# compilation overlap with other tests; the test then waits for it and checks its output.
+
+CLI_GENERATE_TEST = "test_cli.py::test_generate_json_on_smollm2"
+CLI_GENERATE_ARGS = ("generate", "--model", "smollm2", "--prompt", "The capital of France is",
+                     "--max-new-tokens", "8", "--json")
+_BACKGROUND: dict = {}
+
+
+def start_cli(args):
+    """`python -m pikv_jax.cli ARGS` in a subprocess; output goes to temporary files (no pipe stalls)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "pikv_jax.cli", *args], stdout=out, stderr=err, text=True,
+                            env=env)
+    return proc, out, err
+
+
+def finish_cli(started, timeout=600):
+    """-> (returncode, stdout, stderr) of a process from `start_cli`."""
+    proc, out, err = started
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.seek(0)
+    err.seek(0)
+    return proc.returncode, out.read(), err.read()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_generate_in_background(request):
+    if any(item.nodeid.endswith(CLI_GENERATE_TEST) for item in request.session.items):
+        _BACKGROUND["cli_generate"] = start_cli(CLI_GENERATE_ARGS)
+    yield
+    started = _BACKGROUND.pop("cli_generate", None)
+    if started is not None and started[0].poll() is None:
+        started[0].kill()
+        started[0].wait()
+
+
+@pytest.fixture
+def cli_generate_run():
+    """(returncode, stdout, stderr) of `pikv generate CLI_GENERATE_ARGS`, started early when possible."""
+    started = _BACKGROUND.pop("cli_generate", None) or start_cli(CLI_GENERATE_ARGS)
+    return finish_cli(started)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Runs the background CLI test last, so the rest of the session overlaps with its subprocess."""
+    last = [item for item in items if item.nodeid.endswith(CLI_GENERATE_TEST)]
+    if last:
+        items[:] = [item for item in items if item not in last] + last
