@@ -54,7 +54,22 @@ class SchedulingPolicy(enum.Enum):
     KEYDIFF = "keydiff"
 
 
-_EVICTS_ON_ITS_OWN = ("h2o", "lru", "tova", "knorm", "streaming_llm", "duo_attention")
+_EVICTS_ON_ITS_OWN = ("h2o", "lru", "tova", "knorm", "streaming_llm")
+
+
+def _duo_policy(cache_size: int, *, num_kv_heads: int = 1, sink_size: int = 4, **options) -> CachePolicy:
+    """The seed's DuoAttention scheduler: every head streams (sink_size sinks + the most recent
+    cache_size - sink_size tokens). Retrieval heads keep every token, which a fixed-size manager
+    cannot promise; use DuoAttention in generation for them."""
+    from pikv_jax.cache.policies.duo_attention import DuoAttention
+
+    if options.pop("pattern", None) is not None:
+        raise ValueError("a fixed-size manager cannot hold retrieval heads (they keep every token); "
+                         "use DuoAttention(pattern=...) in PiKVModel.generate instead")
+    if not 0 <= sink_size < cache_size:
+        raise ValueError(f"sink_size={sink_size} must be in [0, cache_size={cache_size})")
+    return DuoAttention(pattern=((False,) * num_kv_heads,), n_sink=sink_size, window=cache_size - sink_size,
+                        **options)
 
 
 def manager_policy(policy: SchedulingPolicy | str | CachePolicy, cache_size: int, **options) -> CachePolicy:
@@ -63,6 +78,8 @@ def manager_policy(policy: SchedulingPolicy | str | CachePolicy, cache_size: int
         return policy
     name = policy.value if isinstance(policy, SchedulingPolicy) else str(policy)
     cls = policy_class(name)
+    if cls.name == "duo_attention":
+        return _duo_policy(cache_size, **options)
     if cls.name in _EVICTS_ON_ITS_OWN:
         return make_policy(cls.name, budget_tokens=cache_size, decode_evict=True, **options)
     n_sink = options.get("n_sink", 4)
@@ -143,8 +160,10 @@ def _resident_mask(head_positions, total: int):
 def _add_importance(layer, slot, importance):
     """Adds a caller-given importance f32[B] to the score of the slot just written."""
     b, hk = slot.shape
-    return layer.replace(score=layer.score.at[jnp.arange(b)[:, None], jnp.arange(hk)[None], slot].add(
-        jnp.broadcast_to(importance[:, None], (b, hk))))
+    add = jnp.broadcast_to(importance[:, None], (b, hk))
+    if layer.score.ndim == 2:  # pooled layout: score [B, P], slot indexes the pool
+        return layer.replace(score=layer.score.at[jnp.arange(b)[:, None], slot].add(add))
+    return layer.replace(score=layer.score.at[jnp.arange(b)[:, None], jnp.arange(hk)[None], slot].add(add))
 
 
 class CacheSchedulingManager:
@@ -176,6 +195,9 @@ class CacheSchedulingManager:
         self.track_hit_rate = track_hit_rate
         self._policy_options = policy_options
         self._policy_arg = policy
+        if policy_class(policy.value if isinstance(policy, SchedulingPolicy) else getattr(policy, "name", str(policy))
+                        ).name == "duo_attention" and not isinstance(policy, CachePolicy):
+            policy_options = dict(policy_options, num_kv_heads=num_kv_heads)
         self.policy = manager_policy(policy, cache_size, **policy_options)
         self.batch_size = batch_size
         self.policy_switches = 0
@@ -382,6 +404,8 @@ class QUESTScheduler(CacheSchedulingManager):
 
 
 class DuoAttentionScheduler(CacheSchedulingManager):
-    def __init__(self, cache_size: int, hidden_size: int, **kw):
-        super().__init__(cache_size, hidden_size, SchedulingPolicy.DUOATTENTION, **kw)
+    """The seed's DuoAttention scheduler: sink_size sinks plus the most recent tokens, per head."""
+
+    def __init__(self, cache_size: int, hidden_size: int, sink_size: int = 4, **kw):
+        super().__init__(cache_size, hidden_size, SchedulingPolicy.DUOATTENTION, sink_size=sink_size, **kw)
 

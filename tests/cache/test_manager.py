@@ -116,3 +116,19 @@ def test_errors():
     m.update_cache(np.zeros((2, 3, 16)), np.zeros((2, 3, 16)))
     with pytest.raises(ValueError, match="batch"):
         m.update_cache(np.zeros((1, 3, 16)), np.zeros((1, 3, 16)))
+
+
+def test_duo_attention_scheduler_streams_every_head():
+    from pikv_jax.cache.manager import DuoAttentionScheduler
+
+    m = DuoAttentionScheduler(10, 16, sink_size=3, num_kv_heads=2)
+    k, v, _ = _data(1, 25, hidden=16)
+    m.update_cache(k[:, :6], v[:, :6])
+    m.update_cache(k[:, 6:], v[:, 6:], {"importance": np.ones((1, 19))})
+    pos = m.get_cached_positions()[0]
+    for h in range(2):
+        assert sorted(pos[h][pos[h] >= 0].tolist()) == [0, 1, 2] + list(range(18, 25))
+    keys, _ = m.get_cached_data()
+    np.testing.assert_allclose(np.asarray(keys), k[0, [0, 1, 2] + list(range(18, 25))], atol=1e-6)
+    with pytest.raises(ValueError, match="retrieval heads"):
+        DuoAttentionScheduler(10, 16, pattern=((True,),))

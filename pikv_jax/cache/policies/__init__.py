@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from pikv_jax.cache.policies.adakv import AdaKV
 from pikv_jax.cache.policies.base import CachePolicy, FullCache, PrefillContext, init_policy_cache
 from pikv_jax.cache.policies.composite import Composite
+from pikv_jax.cache.policies.duo_attention import DuoAttention
 from pikv_jax.cache.policies.h2o import H2O
 from pikv_jax.cache.policies.knorm import KeyDiff, Knorm
 from pikv_jax.cache.policies.lru import LRU
+from pikv_jax.cache.policies.quest import Quest
 from pikv_jax.cache.policies.snapkv import PyramidKV, SnapKV
 from pikv_jax.cache.policies.streaming_llm import StreamingLLM
 from pikv_jax.cache.policies.tova import TOVA
@@ -24,6 +27,9 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "keydiff": KeyDiff,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
+    "duo_attention": DuoAttention,
+    "quest": Quest,
 }
 ALIASES = {"none": "full", "streamingllm": "streaming_llm", "streaming": "streaming_llm"}
 

@@ -84,7 +84,7 @@ class CachePolicy:
     """
 
     name: ClassVar[str] = "full"
-    selects_at_prefill: ClassVar[bool] = True  # uses prefill_scores to choose kept prompt tokens
+    layout: ClassVar[str] = "uniform"  # cache layout of init_layer_cache: uniform | pooled | kivi | lowrank
 
     n_sink: int = 4
     window: int = 0
@@ -157,14 +157,22 @@ class CachePolicy:
         """i32[B]: tokens row b keeps in `layer` (never more than its length or the layer's slots)."""
         return jnp.minimum(jnp.minimum(self.base_row_budget(lengths), lengths), self.layer_budget(layer, prompt_len))
 
+    def decode_budget(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
+        """Tokens `layer` holds under decode-time eviction: its prompt budget, except that a
+        `budget_tokens` larger than the prompt lets the cache grow to it (capped at the whole
+        sequence), so a budget of the whole sequence never evicts."""
+        kept = self.layer_budget(layer, prompt_len)
+        if self.budget_tokens is not None and self.budget_tokens > prompt_len:
+            kept = max(kept, min(self.budget_tokens, prompt_len + max_new_tokens))
+        return kept
+
     def capacity_for(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
         """Slots `layer` needs for a prompt of `prompt_len` (padded) plus `max_new_tokens` tokens."""
-        kept = self.layer_budget(layer, prompt_len)
         if self.decode_evict:
             if not self.has_budget:
                 raise ValueError(f"{self.name}: decode-time eviction needs a budget (budget_ratio or budget_tokens)")
-            return kept + self.evict_every - 1
-        return kept + max_new_tokens
+            return self.decode_budget(layer, prompt_len, max_new_tokens) + self.evict_every - 1
+        return self.layer_budget(layer, prompt_len) + max_new_tokens
 
     # ------------------------------------------------------------------ layout
 
@@ -273,11 +281,16 @@ def select_top(scores, pos, lengths, budget: int, row_budget, *, n_sink: int, wi
 
     scores: f32[B, Hkv, S]; pos: i32[B, S]; lengths, row_budget: i32[B].
     Returns idx i32[B, Hkv, budget] and ok bool[B, Hkv, budget] (False past the row's budget or
-    its valid tokens). Protected tokens rank first, padding last.
+    its valid tokens). Protected tokens rank first, padding last. A row whose budget cannot hold
+    all its protected tokens (a short row under a ratio budget) keeps its sinks, then its newest
+    tokens: its window shrinks to what the budget leaves after the sinks.
     """
     b, hk, s = scores.shape
     pos_h = jnp.broadcast_to(pos[:, None, :], (b, hk, s))
-    protect = protected_mask(pos_h, lengths - 1, n_sink, window)
+    sinks = jnp.minimum(jnp.minimum(n_sink, lengths), row_budget)
+    win = jnp.clip(row_budget - sinks, 0, window)[:, None, None]
+    newest = (pos_h >= 0) & (pos_h > (lengths - 1)[:, None, None] - win)
+    protect = protected_mask(pos_h, lengths - 1, n_sink, 0) | newest
     ranked = jnp.where(protect, jnp.inf, scores.astype(jnp.float32))
     ranked = jnp.where(pos_h >= 0, ranked, -jnp.inf)
     _, idx = jax.lax.top_k(ranked, budget)

@@ -22,6 +22,10 @@ class Composite(CachePolicy):
     decode_policy: CachePolicy
 
     def __post_init__(self):
+        for role, p in (("prefill_policy", self.prefill_policy), ("decode_policy", self.decode_policy)):
+            if p.layout != "uniform":
+                raise ValueError(f"Composite: {role}={p.label} uses its own cache layout and cannot be composed; "
+                                 "use it on its own")
         if not self.prefill_policy.has_budget:
             raise ValueError("Composite: prefill_policy needs a budget (budget_ratio or budget_tokens)")
         if self.prefill_policy.stores_raw_keys or self.decode_policy.stores_raw_keys:
@@ -47,10 +51,10 @@ class Composite(CachePolicy):
         return self.prefill_policy.row_budget(layer, lengths, prompt_len)
 
     def capacity_for(self, layer, prompt_len, max_new_tokens):
-        kept = self.layer_budget(layer, prompt_len)
         if self.decode_policy.decode_evict:
+            kept = self.prefill_policy.decode_budget(layer, prompt_len, max_new_tokens)
             return kept + self.decode_policy.evict_every - 1
-        return kept + max_new_tokens
+        return self.layer_budget(layer, prompt_len) + max_new_tokens
 
     def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
         return self.decode_policy.init_layer_cache(layer, batch, num_kv_heads, capacity, head_dim, dtype)

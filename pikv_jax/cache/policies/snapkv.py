@@ -8,7 +8,9 @@ appended (decode_evict False) unless combined with a decode-time policy.
 
 PyramidKV uses the same scores with per-layer budgets that decrease linearly with depth (more in
 lower layers, which attend broadly), averaging the target budget: with m = budget - window,
-min = m / beta, max = 2m - min, layer l keeps window + max - l (max - min) / (L - 1).
+min = m / beta, max = 2m - min, layer l keeps window + max - l (max - min) / (L - 1). The fixed
+part ("window" above) is every protected token, n_sink + obs_window (the paper has no sinks), so
+even the last layer keeps its sinks, its whole observation window and one selected token.
 """
 
 from __future__ import annotations
@@ -79,11 +81,11 @@ class PyramidKV(SnapKV):
         base = super().layer_budget(layer, prompt_len)
         if self.keeps_whole_prompt(prompt_len):
             return base
-        w = min(self.window, base)
+        w = min(self.n_sink + self.window, base)  # protected tokens: every layer keeps them all
         return min(prompt_len, w + max(1, int(round((base - w) * self.layer_fraction(layer)))))
 
     def row_budget(self, layer: int, lengths, prompt_len: int):
         base = jnp.minimum(self.base_row_budget(lengths), lengths)
-        w = jnp.minimum(self.window, base)
+        w = jnp.minimum(self.n_sink + self.window, base)
         rows = w + jnp.maximum(1, jnp.round((base - w) * self.layer_fraction(layer))).astype(jnp.int32)
         return jnp.minimum(jnp.minimum(rows, lengths), self.layer_budget(layer, prompt_len))
