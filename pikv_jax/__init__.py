@@ -3,12 +3,18 @@
 from pikv_jax.api import GenerationOutput, PiKVModel
 from pikv_jax.cache.policies.base import CachePolicy, FullCache
 from pikv_jax.cache.state import KVCache, LayerCache, init_cache
+from pikv_jax.cache.manager import (CacheSchedulingManager, DuoAttentionScheduler, H2OScheduler, LRUScheduler,
+                                    QUESTScheduler, SchedulingPolicy, StreamingLLMScheduler)
+from pikv_jax.cache.policies import make_policy
 from pikv_jax.config import ModelConfig, RopeScaling, preset
+from pikv_jax.moe import DistributedPiKVMoE, PiKVMoE, create_moe_router
 from pikv_jax.sampling import SamplingConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CachePolicy", "FullCache", "GenerationOutput", "KVCache", "LayerCache", "ModelConfig", "PiKVModel",
-    "RopeScaling", "SamplingConfig", "init_cache", "preset",
+    "CachePolicy", "CacheSchedulingManager", "DistributedPiKVMoE", "DuoAttentionScheduler", "FullCache",
+    "GenerationOutput", "H2OScheduler", "KVCache", "LRUScheduler", "LayerCache", "ModelConfig", "PiKVModel", "PiKVMoE",
+    "QUESTScheduler", "RopeScaling", "SamplingConfig", "SchedulingPolicy", "StreamingLLMScheduler", "create_moe_router",
+    "init_cache", "make_policy", "preset",
 ]

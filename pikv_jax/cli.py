@@ -58,6 +58,9 @@ def add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     add_policy_args(p)
+    from pikv_jax.moe.cli_args import add_moe_args
+
+    add_moe_args(p)
 
 
 def add_policy_args(p: argparse.ArgumentParser):
@@ -144,6 +147,9 @@ def cmd_generate(args) -> int:
     _say(f"loading {args.model}")
     model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
                                       progress=_progress("loading tensors"))
+    from pikv_jax.moe.cli_args import apply_moe_args
+
+    model = apply_moe_args(args, model)
     policy = build_policy(args, model.config.num_hidden_layers)
     callback = None
     if args.stream:

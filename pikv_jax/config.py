@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")  # decoders whose MLP is a sparse MoE
 ROPE_TYPES = ("default", "llama3", "linear")
 
 
@@ -36,7 +37,8 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A Llama-family decoder: Llama (1-3.x), Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm), Mistral
-    (optional sliding window). Field names follow Hugging Face's `config.json`."""
+    (optional sliding window), and the MoE variants Mixtral, Qwen2-MoE and Qwen3-MoE (every decoder
+    MLP is a sparse MoE when num_experts > 0). Field names follow Hugging Face's `config.json`."""
 
     architecture: str = "llama"
     vocab_size: int
@@ -56,6 +58,15 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: a query sees keys with pos > q_pos - window
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Mixture of experts (num_experts = 0: dense MLP). See pikv_jax/models/moe_llama.py.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # expert width (None: intermediate_size)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
+    norm_topk_prob: bool = True  # renormalise the top-k gates (Mixtral always; Qwen-MoE per config)
+    router_aux_loss_coef: float = 0.001
+    moe_router: str = "base"  # a pikv_jax.moe router kind (runtime choice, not stored in HF configs)
+    moe_capacity_factor: float | None = None  # None: dropless (ragged_dot); else capacity dispatch
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -74,10 +85,44 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.dim_per_head}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
+        self._check_moe()
+
+    def _check_moe(self):
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = dense MLP), got {self.num_experts}")
+        if self.architecture in MOE_ARCHITECTURES and self.num_experts < 1:
+            raise ValueError(f"architecture={self.architecture!r} is a mixture of experts: num_experts must be >= 1")
+        if self.num_experts == 0:
+            return
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size must be >= 1, got {self.moe_intermediate_size}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError("shared_expert_intermediate_size must be >= 0, got "
+                             f"{self.shared_expert_intermediate_size}")
+        if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
+            raise ValueError(f"moe_capacity_factor must be > 0 or None (dropless), got {self.moe_capacity_factor}")
+        from pikv_jax.moe.routers import ROUTER_KINDS  # lazy: only MoE configs need the router family
+
+        if self.moe_router not in ROUTER_KINDS:
+            raise ValueError(f"moe_router={self.moe_router!r} is not a router kind; allowed: {sorted(ROUTER_KINDS)}")
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Width of one expert's feed-forward network."""
+        return self.moe_intermediate_size if self.moe_intermediate_size is not None else self.intermediate_size
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def o_proj_bias(self) -> bool:
+        """Hugging Face's Llama and Qwen3 apply `attention_bias` to o_proj as well; Qwen2 biases only
+        q/k/v and Mistral has no attention biases."""
+        return self.attention_bias and self.architecture in ("llama", "qwen3", "qwen3_moe")
 
     @property
     def group_size(self) -> int:
@@ -88,6 +133,10 @@ class ModelConfig:
         e, d, h, hk = self.hidden_size, self.dim_per_head, self.num_attention_heads, self.num_key_value_heads
         attn = e * d * (h + 2 * hk) + h * d * e + (d * (h + 2 * hk) if self.attention_bias else 0)
         mlp = 3 * e * self.intermediate_size
+        if self.num_experts:
+            shared = self.shared_expert_intermediate_size
+            mlp = (self.num_experts * 3 * e * self.expert_intermediate_size + e * self.num_experts
+                   + (3 * e * shared + e if shared else 0))
         per_layer = attn + mlp + 2 * e + (2 * d if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
         return self.num_hidden_layers * per_layer + self.vocab_size * e + e + head
@@ -99,7 +148,8 @@ class ModelConfig:
     def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
         """Builds a config from a Hugging Face `config.json` mapping."""
         model_type = cfg.get("model_type")
-        arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}.get(model_type)
+        arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
+                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}.get(model_type)
         if arch is None:
             raise ValueError(f"config.json model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
         rs = cfg.get("rope_scaling") or None
@@ -132,19 +182,21 @@ class ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-            qk_norm=arch == "qwen3",
-            sliding_window=(cfg.get("sliding_window") if (arch == "mistral" or cfg.get("use_sliding_window"))
-                            else None),
+            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            sliding_window=(cfg.get("sliding_window")
+                            if (arch in ("mistral", "mixtral") or cfg.get("use_sliding_window")) else None),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,
+            **_moe_from_hf(arch, cfg),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The inverse of `from_hf_dict`, for writing a Hugging Face checkpoint folder."""
-        model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}[self.architecture]
+        model_type = self.architecture  # HF's model_type equals our architecture name
         arch_name = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                     "mistral": "MistralForCausalLM"}[self.architecture]
+                     "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                     "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.architecture]
         d = dict(
             architectures=[arch_name], model_type=model_type, vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -158,7 +210,46 @@ class ModelConfig:
         )
         if self.rope_scaling is not None:
             d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        d.update(_moe_to_hf(self))
         return d
+
+
+def _moe_from_hf(arch: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (empty for dense models)."""
+    if arch == "mixtral":
+        return dict(num_experts=int(cfg.get("num_local_experts", 8)),
+                    num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
+                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        step = int(cfg.get("decoder_sparse_step", 1))
+        dense_layers = list(cfg.get("mlp_only_layers") or [])
+        if step != 1 or dense_layers:
+            raise ValueError(f"config.json: decoder_sparse_step={step} and mlp_only_layers={dense_layers} mix "
+                             "dense and MoE layers, which is not supported; allowed: decoder_sparse_step=1, "
+                             "mlp_only_layers=[]")
+        return dict(num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                    shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 0) or 0)
+                    if arch == "qwen2_moe" else 0,
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+    return {}
+
+
+def _moe_to_hf(c: ModelConfig) -> dict[str, Any]:
+    """The inverse of `_moe_from_hf`."""
+    if c.architecture == "mixtral":
+        return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                    intermediate_size=c.expert_intermediate_size, router_aux_loss_coef=c.router_aux_loss_coef)
+    if c.architecture in ("qwen2_moe", "qwen3_moe"):
+        d = dict(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                 moe_intermediate_size=c.expert_intermediate_size, norm_topk_prob=c.norm_topk_prob,
+                 router_aux_loss_coef=c.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[])
+        if c.architecture == "qwen2_moe":
+            d["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size
+        return d
+    return {}
 
 
 # Real shapes, for random-weight benchmarks and tests of loaders.
@@ -187,6 +278,27 @@ PRESETS: dict[str, ModelConfig] = {
         architecture="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0,
         rms_norm_eps=1e-5, max_position_embeddings=32768),
+    # Mixture-of-experts decoders (pikv_jax/models/moe_llama.py).
+    "mixtral-8x7b": ModelConfig(
+        architecture="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336, router_aux_loss_coef=0.02),
+    "mixtral-tiny": ModelConfig(
+        architecture="mixtral", vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=512, eos_token_id=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, router_aux_loss_coef=0.02),
+    "qwen2moe-tiny": ModelConfig(
+        architecture="qwen2_moe", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=512, attention_bias=True, eos_token_id=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64, norm_topk_prob=False),
+    "qwen3moe-tiny": ModelConfig(
+        architecture="qwen3_moe", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=512, qk_norm=True, eos_token_id=2, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True),
 }
 
 

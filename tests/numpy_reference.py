@@ -82,7 +82,7 @@ def forward(cfg: dict, weights: dict, tokens) -> np.ndarray:
     eps = cfg["rms_norm_eps"]
     n_layers = cfg["num_hidden_layers"]
     qkv_bias = True if model_type == "qwen2" else bool(cfg.get("attention_bias", False))
-    o_bias = model_type in ("llama",) and bool(cfg.get("attention_bias", False))
+    o_bias = model_type in ("llama", "qwen3") and bool(cfg.get("attention_bias", False))
     qk_norm = model_type == "qwen3"
     if model_type == "mistral":
         window = cfg.get("sliding_window")
@@ -176,6 +176,8 @@ def random_weights(cfg: dict, seed: int = 0, *, scale: float = 2.0) -> dict[str,
             if qkv_bias:
                 w[p + f"self_attn.{name}_proj.bias"] = rng.normal(0.0, 0.5, (rows,)).astype(np.float32)
         w[p + "self_attn.o_proj.weight"] = lin(e, h * d)
+        if model_type in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)):  # HF: o_proj biased too
+            w[p + "self_attn.o_proj.bias"] = rng.normal(0.0, 0.5, (e,)).astype(np.float32)
         if model_type == "qwen3":
             w[p + "self_attn.q_norm.weight"] = norm(d)
             w[p + "self_attn.k_norm.weight"] = norm(d)

@@ -34,6 +34,8 @@ VARIANTS = {
                     rope_scaling=RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                              high_freq_factor=4.0, original_max_position_embeddings=64)),
         lambda c: dict(c, rope_scaling=None)),
+    "llama_attention_bias": (tiny_config("llama", attention_bias=True),
+                             lambda c: dict(c, attention_bias=False)),
     "linear_rope": (tiny_config("llama", rope_scaling=RopeScaling(rope_type="linear", factor=4.0)),
                     lambda c: dict(c, rope_scaling=None)),
 }

@@ -1,4 +1,5 @@
-"""Llama-family decoder in Flax NNX: Llama (incl. Llama-3 RoPE scaling), Qwen2, Qwen3, Mistral.
+"""Llama-family decoder in Flax NNX: Llama (incl. Llama-3 RoPE scaling), Qwen2, Qwen3, Mistral, and
+their MoE variants (Mixtral, Qwen2-MoE, Qwen3-MoE: see models/moe_llama.py).
 
 The modules only hold parameters and compute projections; how attention reads and writes the KV
 cache lives in `models/forward.py`, so cache policies stay pure functions outside the modules.
@@ -73,7 +74,7 @@ class Attention(nnx.Module):
         self.q_proj = nnx.Linear(e, h * d, use_bias=cfg.attention_bias, **lin)
         self.k_proj = nnx.Linear(e, hk * d, use_bias=cfg.attention_bias, **lin)
         self.v_proj = nnx.Linear(e, hk * d, use_bias=cfg.attention_bias, **lin)
-        self.o_proj = nnx.Linear(h * d, e, use_bias=False, **lin)
+        self.o_proj = nnx.Linear(h * d, e, use_bias=cfg.o_proj_bias, **lin)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -118,7 +119,12 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, rngs=rngs, **kw)
+        if cfg.num_experts > 0:  # Mixtral / Qwen-MoE: a sparse MoE block, still called as layer.mlp(x)
+            from pikv_jax.models.moe_llama import moe_mlp  # lazy: only MoE configs pull in the router family
+
+            self.mlp = moe_mlp(cfg, rngs=rngs, **kw)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs, **kw)
 
 
 class CausalLM(nnx.Module):
