@@ -32,8 +32,9 @@ class Knorm(CachePolicy):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KeyDiff(CachePolicy):
     """score = -cos(k, mean key of the row's prompt, per head): distinctive keys are kept. The
-    anchor is the prompt's mean key; decoded tokens are scored against the same anchor, stored in
-    the cache's `extra["anchor"]` f32[B, Hkv, D]. Prefill selection only (decode_evict False)."""
+    anchor is the prompt's mean key (valid tokens only). Prefill selection only (decode_evict
+    False): decoded tokens are appended; no anchor is kept for them, so with decode_evict=True
+    every cached score is 0 and the first unprotected slot is evicted (not KeyDiff's rule)."""
 
     name: ClassVar[str] = "keydiff"
 
