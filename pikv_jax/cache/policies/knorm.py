@@ -32,11 +32,16 @@ class Knorm(CachePolicy):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KeyDiff(CachePolicy):
     """score = -cos(k, mean key of the row's prompt, per head): distinctive keys are kept. The
-    anchor is the prompt's mean key (valid tokens only). Prefill selection only (decode_evict
-    False): decoded tokens are appended; no anchor is kept for them, so with decode_evict=True
-    every cached score is 0 and the first unprotected slot is evicted (not KeyDiff's rule)."""
+    anchor is the prompt's mean key (valid tokens only). Prefill selection only: decoded tokens are
+    appended (compose with a decode-time policy to evict during decoding)."""
 
     name: ClassVar[str] = "keydiff"
+
+    def __post_init__(self):
+        if self.decode_evict:
+            raise ValueError("keydiff scores tokens only at prefill, so it cannot evict at decode time; "
+                             "compose it with a decode-time policy (Composite / --decode-policy h2o)")
+        super().__post_init__()
 
     def prefill_scores(self, layer: int, ctx: PrefillContext):
         k = heads_first(ctx.k.astype(jnp.float32))  # [B, Hkv, S, D]

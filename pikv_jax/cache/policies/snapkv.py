@@ -41,6 +41,9 @@ class SnapKV(CachePolicy):
             raise ValueError(f"kernel must be an odd integer >= 1, got {self.kernel}")
         if self.pooling not in ("avg", "max"):
             raise ValueError(f"pooling={self.pooling!r}; allowed: avg, max")
+        if self.decode_evict:
+            raise ValueError(f"{self.name} scores tokens only at prefill, so it cannot evict at decode time; "
+                             "compose it with a decode-time policy (Composite / --decode-policy h2o)")
         if self.window == 0:
             object.__setattr__(self, "window", self.obs_window)
         super().__post_init__()
