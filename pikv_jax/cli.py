@@ -58,8 +58,10 @@ def add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     add_policy_args(p)
+    from pikv_jax.compress.cli_args import add_compress_args
     from pikv_jax.moe.cli_args import add_moe_args
 
+    add_compress_args(p)
     add_moe_args(p)
 
 
@@ -144,13 +146,16 @@ def cmd_generate(args) -> int:
     if args.max_cache_tokens is not None and args.max_cache_tokens < 1:
         raise ValueError(f"--max-cache-tokens must be >= 1, got {args.max_cache_tokens}")
     build_policy(args, num_layers=1)  # validate the flags before the (slow) model load
+    from pikv_jax.compress.cli_args import apply_compress, validate_compress_args
+
+    validate_compress_args(args)
     _say(f"loading {args.model}")
     model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
                                       progress=_progress("loading tensors"))
     from pikv_jax.moe.cli_args import apply_moe_args
 
     model = apply_moe_args(args, model)
-    policy = build_policy(args, model.config.num_hidden_layers)
+    policy = apply_compress(args, build_policy(args, model.config.num_hidden_layers), model)
     callback = None
     if args.stream:
         if len(args.prompt) != 1:

@@ -367,12 +367,16 @@ def test_streaming_llm_keeps_sinks_and_the_most_recent_tokens():
 # -------------------------------------------------------------------------------------- evict_every
 
 
-@pytest.mark.parametrize("cls", [H2O, Knorm, StreamingLLM, TOVA, LRU, SnapKV])
+@pytest.mark.parametrize("cls", [H2O, Knorm, StreamingLLM, TOVA, LRU])
 def test_evict_every_adds_n_minus_one_slots(cls):
     for n in (1, 2, 5):
-        p = cls(budget_tokens=20, n_sink=2, evict_every=n, decode_evict=True, **(
-            {"obs_window": 4} if cls is SnapKV else {}))
+        p = cls(budget_tokens=20, n_sink=2, evict_every=n, decode_evict=True)
         assert p.capacity_for(0, 64, 100) == 20 + n - 1
+
+
+def test_prefill_only_policies_refuse_decode_eviction():
+    with pytest.raises(ValueError, match="compose it with a decode-time policy"):
+        SnapKV(budget_tokens=20, obs_window=4, decode_evict=True)
 
 
 @jax.jit

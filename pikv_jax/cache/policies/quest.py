@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pikv_jax.attention import dispatch
-from pikv_jax.attention.reference import GROUP_REDUCTIONS, reduce_group
+from pikv_jax.attention.reference import GROUP_REDUCTIONS
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import LayerCache, init_layer_cache
 
@@ -180,20 +180,14 @@ class Quest(CachePolicy):
         newest token's page (position q_pos) always first; ok is False for filler (empty) pages.
         """
         self._check(cache)
-        b, h, d = q.shape
-        hk, c = cache.num_kv_heads, cache.capacity
+        b, hk, c = cache.pos.shape
         ps = self.page_size
         n_pages = c // ps
         nonempty = jnp.any(cache.pos.reshape(b, hk, n_pages, ps) >= 0, axis=-1)
-        u = page_upper_bound(q.reshape(b, hk, h // hk, d), cache.extra["page_min"], cache.extra["page_max"],
-                             nonempty)
-        u = reduce_group(u, self.page_reduce, axis=2)  # [B, Hkv, N]
         is_new = cache.pos == q_pos[:, None, None]
-        newest = jnp.argmax(is_new, axis=-1) // ps  # [B, Hkv]
-        force = (jnp.arange(n_pages)[None, None, :] == newest[..., None]) & jnp.any(is_new, axis=-1)[..., None]
-        ranked = jnp.where(force & nonempty, jnp.inf, u)
-        top, pages = jax.lax.top_k(ranked, self.num_pages_selected(c))
-        return pages.astype(jnp.int32), top > -jnp.inf
+        newest = jnp.where(jnp.any(is_new, axis=-1), jnp.argmax(is_new, axis=-1) // ps, -1)  # [B, Hkv]
+        return dispatch.quest_select_pages(q, cache.extra["page_min"], cache.extra["page_max"], nonempty, newest,
+                                           self.num_pages_selected(c), page_reduce=self.page_reduce)
 
     def attend(self, layer, cache: LayerCache, q, q_pos, *, sliding_window=None, inv_freq=None):
         """-> (out [B, H, D], mass f32[B, Hkv, C]): attention over the selected pages' slots only;
@@ -204,11 +198,7 @@ class Quest(CachePolicy):
         b, hk, n = pages.shape
         ps = self.page_size
         slots = (pages[..., None] * ps + jnp.arange(ps)).reshape(b, hk, n * ps)
-        sel_ok = jnp.repeat(ok, ps, axis=-1)
-        take = lambda x: jnp.take_along_axis(x, slots[..., None], axis=2)
-        pos = jnp.where(sel_ok, jnp.take_along_axis(cache.pos, slots, axis=-1), -1)
-        view = LayerCache(k=take(cache.k), v=take(cache.v), pos=pos, score=jnp.zeros(pos.shape, jnp.float32))
-        out, mass_sel = dispatch.decode_attention(q, view, q_pos, sliding_window=sliding_window,
-                                                  group_reduce=self.group_reduce)
+        out, mass_sel = dispatch.paged_decode_attention(q, cache, q_pos, pages, ok, ps, sliding_window=sliding_window,
+                                                        group_reduce=self.group_reduce)
         mass = jnp.put_along_axis(jnp.zeros(cache.pos.shape, jnp.float32), slots, mass_sel, axis=-1, inplace=False)
         return out, mass

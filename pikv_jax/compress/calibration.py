@@ -1,0 +1,105 @@
+"""Calibration data for compressors that learn from a model's own keys and values (SVD and LoRA
+bases, PiKVCompressor's per-layer importance).
+
+`capture_qkv` runs the model's prefill once with a policy that keeps every prompt token and also
+records the layer's queries, so each layer's post-RoPE queries, keys and values come back from the
+same code path generation uses (no copy of the forward pass). `calibration_ids` gives the default
+calibration text: the opening paragraphs of the shipped varied haystack (pikv_jax/data), which
+the evaluation never scores (its held-out perplexity text is the end of that file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.resources
+from typing import ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, init_policy_cache
+
+CALIBRATION_FILE = "haystack_varied.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQKV:
+    """One layer's prompt tensors (numpy): q [B, S, H, D], k, v [B, Hkv, S, D] (keys after RoPE),
+    pos i32[B, S] (-1 = padding)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    pos: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.pos >= 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CapturePolicy(CachePolicy):
+    """Keeps the whole prompt and records the layer's queries in `extra["q"]`."""
+
+    name: ClassVar[str] = "capture"
+
+    def prefill(self, layer: int, cache, ctx: PrefillContext, *, scores=None):
+        return super().prefill(layer, cache, ctx).replace(extra={"q": ctx.q})
+
+
+def _model_parts(model):
+    """(graphdef, params, config) of a PiKVModel (or anything with those attributes)."""
+    for attr in ("graphdef", "params", "config"):
+        if not hasattr(model, attr):
+            raise ValueError(f"calibration needs a PiKVModel (graphdef, params, config); got {type(model).__name__}")
+    return model.graphdef, model.params, model.config
+
+
+def calibration_ids(model, max_tokens: int = 512, *, text: str | None = None) -> list[int]:
+    """Token ids of the calibration text (the first paragraphs of the shipped varied haystack, or
+    `text`), at most `max_tokens` of them; seeded random ids for a model without a tokenizer."""
+    if max_tokens < 2:
+        raise ValueError(f"calibration needs at least 2 tokens, got max_tokens={max_tokens}")
+    if text is None:
+        raw = importlib.resources.files("pikv_jax.data").joinpath(CALIBRATION_FILE).read_text(encoding="utf-8")
+        paras = [p.strip() for p in raw.split("\n\n") if p.strip()]
+        text = " ".join(" ".join(paras[: max(1, len(paras) // 3)]).split())
+    if getattr(model, "tokenizer", None) is None:
+        # a model without a tokenizer (random test models) calibrates on seeded random token ids
+        vocab = model.config.vocab_size
+        return np.random.default_rng(0).integers(min(3, vocab - 1), vocab, max_tokens).tolist()
+    return model.tokenizer.encode(text)[:max_tokens]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _capture(graphdef, policy, params, tokens, lengths, cache):
+    from flax import nnx
+
+    from pikv_jax.models import forward
+
+    return forward.prefill(nnx.merge(graphdef, params), tokens, lengths, cache, policy)[1]
+
+
+def capture_qkv(model, prompts: Sequence[Sequence[int]] | None = None, *, max_tokens: int = 512) -> list[LayerQKV]:
+    """Prefill `prompts` (token id lists; default: the calibration text) and return every layer's
+    queries, keys and values."""
+    graphdef, params, cfg = _model_parts(model)
+    if prompts is None:
+        prompts = [calibration_ids(model, max_tokens)]
+    prompts = [list(map(int, p))[:max_tokens] for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("calibration prompts must be non-empty token id lists")
+    s = -(-max(len(p) for p in prompts) // 16) * 16  # padded: fewer distinct compiled shapes
+    tokens = np.zeros((len(prompts), s), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    policy = _CapturePolicy()
+    cache = init_policy_cache(policy, len(prompts), (s,) * cfg.num_hidden_layers,
+                              num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head, dtype=jnp.float32)
+    out = _capture(graphdef, policy, params, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    pos = np.where(np.arange(s)[None] < lengths[:, None], np.arange(s)[None], -1).astype(np.int32)
+    return [LayerQKV(q=np.asarray(layer.extra["q"], np.float32), k=np.asarray(layer.k, np.float32),
+                     v=np.asarray(layer.v, np.float32), pos=pos) for layer in out.layers]

@@ -1,0 +1,358 @@
+"""KIVI quantized KV cache (Liu et al., 2024) as a cache layout, composable with any eviction policy.
+
+Layout of one layer (per row b and KV head h):
+- a quantized region of Cq slots in groups of G tokens: key codes quantized per channel over the
+  group's G tokens, value codes per token over groups of G channels, packed (2 x int4 or
+  4 x int2 per byte), with scales and minimums;
+- a residual ring of R full-precision slots holding the newest tokens.
+A decoded token enters the ring. When the ring is full, its G oldest tokens are quantized together
+and moved into a free group of the quantized region. When no group is free, an evicting policy
+frees the group with the lowest total eviction score (groups holding sinks or recent-window
+tokens are never chosen): quantized storage evicts whole groups, since a group shares its key
+scales. A non-evicting policy reports the row full. Keys are quantized after RoPE.
+
+Attention dequantizes the quantized region and attends over it together with the ring
+(`attend`); the fused kernel path is in pikv_jax/kernels. Scores and positions cover all Cq + R
+slots, so the wrapped policy's `observe` and `eviction_scores` work unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from pikv_jax.attention import dispatch, reference
+from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
+from pikv_jax.cache.state import EMPTY, LayerCache, _pytree_dataclass, init_layer_cache, static_field, tree_nbytes
+from pikv_jax.compress import quant
+
+
+@_pytree_dataclass
+class QuantizedLayerCache:
+    """kq, vq: u8[B, Hkv, Cq, D*bits/8]; k_scale, k_min: [B, Hkv, Cq/G, D]; v_scale, v_min:
+    [B, Hkv, Cq, D/G]; k_res, v_res: [B, Hkv, R, D]; pos, score: [B, Hkv, Cq + R] (quantized slots
+    first, then the ring); ring_start, ring_count: i32[B, Hkv]."""
+
+    kq: jax.Array
+    k_scale: jax.Array
+    k_min: jax.Array
+    vq: jax.Array
+    v_scale: jax.Array
+    v_min: jax.Array
+    k_res: jax.Array
+    v_res: jax.Array
+    pos: jax.Array
+    score: jax.Array
+    ring_start: jax.Array
+    ring_count: jax.Array
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bits: int = static_field(default=4)
+    group_size: int = static_field(default=32)
+
+    @property
+    def quantized_slots(self) -> int:
+        return self.kq.shape[2]
+
+    @property
+    def residual_slots(self) -> int:
+        return self.k_res.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.pos.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_res.shape[-1]
+
+    @property
+    def slots_per_row(self) -> int:
+        return self.num_kv_heads * self.capacity
+
+    def replace(self, **kw) -> "QuantizedLayerCache":
+        return dataclasses.replace(self, **kw)
+
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def head_positions(self):
+        return self.pos
+
+    def resident_per_head(self):
+        return jnp.sum(self.pos >= 0, axis=-1)
+
+    def dense_kv(self, dtype=jnp.float32):
+        """Dequantized keys and values [B, Hkv, Cq + R, D] aligned with `pos`."""
+        k = quant.dequantize_keys(self.kq, self.k_scale, self.k_min, self.bits, self.group_size, dtype)
+        v = quant.dequantize_values(self.vq, self.v_scale, self.v_min, self.bits, self.group_size, dtype)
+        return (jnp.concatenate([k, self.k_res.astype(dtype)], axis=2),
+                jnp.concatenate([v, self.v_res.astype(dtype)], axis=2))
+
+
+def init_quantized_layer(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype, *, bits: int,
+                         group_size: int, residual_length: int, scale_dtype) -> QuantizedLayerCache:
+    """Empty cache holding at least `capacity` tokens: R ring slots plus ceil((C - R) / G) groups."""
+    g, r = group_size, residual_length
+    cq = max(0, -(-(capacity - r) // g) * g)
+    shape = (batch, num_kv_heads)
+    pb = head_dim * bits // 8
+    return QuantizedLayerCache(
+        kq=jnp.zeros(shape + (cq, pb), jnp.uint8),
+        k_scale=jnp.ones(shape + (cq // g, head_dim), scale_dtype),
+        k_min=jnp.zeros(shape + (cq // g, head_dim), scale_dtype),
+        vq=jnp.zeros(shape + (cq, pb), jnp.uint8),
+        v_scale=jnp.ones(shape + (cq, head_dim // g), scale_dtype),
+        v_min=jnp.zeros(shape + (cq, head_dim // g), scale_dtype),
+        k_res=jnp.zeros(shape + (r, head_dim), dtype),
+        v_res=jnp.zeros(shape + (r, head_dim), dtype),
+        pos=jnp.full(shape + (cq + r,), EMPTY, jnp.int32),
+        score=jnp.zeros(shape + (cq + r,), jnp.float32),
+        ring_start=jnp.zeros(shape, jnp.int32),
+        ring_count=jnp.zeros(shape, jnp.int32),
+        bits=bits, group_size=g)
+
+
+def _take(x, idx):
+    """x [B, Hkv, N, ...], idx [B, Hkv, M] -> [B, Hkv, M, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 3)), axis=2)
+
+
+def _put(x, idx, values, where):
+    """x[b, h, idx[b, h, m]] = values[b, h, m] where `where` [B, Hkv, M] (else unchanged)."""
+    n = x.shape[2]
+    b, hk, m = idx.shape
+    idx = jnp.where(where, idx, n)  # out of range -> dropped
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(hk)[None, :, None]
+    return x.at[bi, hi, idx].set(values.astype(x.dtype), mode="drop")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizedPolicy(CachePolicy):
+    """KIVI quantization around an eviction policy (`inner`, default Full).
+
+    bits: 2, 4 or 8. group_size G (default 32): tokens per key group and channels per value group;
+    must divide the head dimension and residual_length. residual_length R (default 128, a multiple
+    of G): newest tokens kept in full precision. scale_dtype: storage of scales and minimums
+    (float16 as in KIVI; float32 for exactness studies).
+    """
+
+    name: ClassVar[str] = "kivi"
+    layout: ClassVar[str] = "kivi"
+    inner: CachePolicy = dataclasses.field(default_factory=CachePolicy)
+    bits: int = 4
+    group_size: int = 32
+    residual_length: int = 128
+    scale_dtype: Any = jnp.float16
+
+    def __post_init__(self):
+        quant.check_bits(self.bits)
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.residual_length < self.group_size or self.residual_length % self.group_size:
+            raise ValueError(f"residual_length={self.residual_length} must be a positive multiple of "
+                             f"group_size={self.group_size}")
+        if self.inner.stores_raw_keys:
+            raise ValueError("quantization stores keys after RoPE; it cannot wrap a policy that re-indexes positions")
+        object.__setattr__(self, "group_reduce", self.inner.group_reduce)
+
+    @property
+    def label(self) -> str:
+        base = "" if self.inner.name == "full" else self.inner.label + "+"
+        return f"{base}int{self.bits}"
+
+    @property
+    def has_budget(self) -> bool:
+        return self.inner.has_budget
+
+    @property
+    def evicts(self) -> bool:
+        return self.inner.evicts
+
+    def check_head_dim(self, head_dim: int):
+        if head_dim % self.group_size:
+            raise ValueError(f"group_size={self.group_size} must divide the head dimension {head_dim}")
+        if head_dim * self.bits % 8:
+            raise ValueError(f"head dimension {head_dim} cannot be packed at {self.bits} bits")
+
+    # ------------------------------------------------------------------ sizes
+
+    def layer_budget(self, layer, prompt_len):
+        return self.inner.layer_budget(layer, prompt_len)
+
+    def row_budget(self, layer, lengths, prompt_len):
+        return self.inner.row_budget(layer, lengths, prompt_len)
+
+    def capacity_for(self, layer, prompt_len, max_new_tokens):
+        return self.inner.capacity_for(layer, prompt_len, max_new_tokens)
+
+    def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
+        self.check_head_dim(head_dim)
+        if self.inner.evicts and capacity <= self.residual_length:
+            raise ValueError(f"decode-time eviction with int{self.bits} evicts quantized groups: the cache of "
+                             f"{capacity} tokens must exceed residual_length={self.residual_length}")
+        return init_quantized_layer(batch, num_kv_heads, capacity, head_dim, dtype, bits=self.bits,
+                                    group_size=self.group_size, residual_length=self.residual_length,
+                                    scale_dtype=self.scale_dtype)
+
+    def prefill_mass_from(self, lengths):
+        return self.inner.prefill_mass_from(lengths)
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, layer: int, cache: QuantizedLayerCache, ctx: PrefillContext, *, scores=None):
+        """The inner policy selects (into a temporary full-precision cache, chronological), then the
+        oldest ceil(max(n - R, 0) / G) * G kept tokens are quantized and the rest go to the ring."""
+        s = ctx.prompt_len
+        kept = s if self.inner.keeps_whole_prompt(s) else self.inner.layer_budget(layer, s)
+        tmp = init_layer_cache(cache.batch, cache.num_kv_heads, kept, cache.head_dim, ctx.k.dtype)
+        tmp = self.inner.prefill(layer, tmp, ctx, scores=scores)
+        if not isinstance(tmp, LayerCache):
+            raise ValueError(f"int{self.bits} quantization needs a uniform cache layout; "
+                             f"{self.inner.label} uses {type(tmp).__name__}")
+        return self.from_uniform(cache, tmp)
+
+    def from_uniform(self, cache: QuantizedLayerCache, tmp: LayerCache) -> QuantizedLayerCache:
+        """Moves a chronological full-precision cache (empties last) into the quantized layout."""
+        g, r, cq = self.group_size, cache.residual_slots, cache.quantized_slots
+        n = jnp.sum(tmp.pos >= 0, axis=-1)  # [B, Hkv]
+        nq = jnp.minimum(((jnp.maximum(n - r, 0) + g - 1) // g) * g, cq)
+        kept = tmp.capacity
+        # quantized region: kept tokens [0, nq) in place (slot i = kept index i)
+        width = min(cq, -(-kept // g) * g)
+        if width > 0:
+            pad = width - min(kept, width)
+            kx = jnp.pad(tmp.k[:, :, :width], ((0, 0), (0, 0), (0, pad), (0, 0)))
+            vx = jnp.pad(tmp.v[:, :, :width], ((0, 0), (0, 0), (0, pad), (0, 0)))
+            kq, ks, km, vq, vs, vm = dispatch.quantize_kv(kx, vx, self.bits, g, self.scale_dtype)
+            upd = jax.lax.dynamic_update_slice
+            cache = cache.replace(kq=upd(cache.kq, kq, (0, 0, 0, 0)), k_scale=upd(cache.k_scale, ks, (0, 0, 0, 0)),
+                                  k_min=upd(cache.k_min, km, (0, 0, 0, 0)), vq=upd(cache.vq, vq, (0, 0, 0, 0)),
+                                  v_scale=upd(cache.v_scale, vs, (0, 0, 0, 0)),
+                                  v_min=upd(cache.v_min, vm, (0, 0, 0, 0)))
+            slot = jnp.arange(width)[None, None]
+            in_q = slot < nq[..., None]
+            qpos = jnp.pad(tmp.pos[:, :, :width], ((0, 0), (0, 0), (0, pad)), constant_values=EMPTY)
+            qscore = jnp.pad(tmp.score[:, :, :width], ((0, 0), (0, 0), (0, pad)))
+            cache = cache.replace(pos=cache.pos.at[:, :, :width].set(jnp.where(in_q, qpos, EMPTY)),
+                                  score=cache.score.at[:, :, :width].set(jnp.where(in_q, qscore, 0.0)))
+        # ring: kept tokens [nq, n) -> ring slots [0, n - nq)
+        j = jnp.arange(r)[None, None]
+        src = jnp.minimum(nq[..., None] + j, kept - 1)
+        in_ring = j < (n - nq)[..., None]
+        ring_pos = jnp.where(in_ring, _take(tmp.pos, src), EMPTY)
+        return cache.replace(
+            k_res=jnp.where(in_ring[..., None], _take(tmp.k, src), 0).astype(cache.k_res.dtype),
+            v_res=jnp.where(in_ring[..., None], _take(tmp.v, src), 0).astype(cache.v_res.dtype),
+            pos=cache.pos.at[:, :, cq:].set(ring_pos),
+            score=cache.score.at[:, :, cq:].set(jnp.where(in_ring, _take(tmp.score, src), 0.0)),
+            ring_start=jnp.zeros_like(n), ring_count=(n - nq).astype(jnp.int32))
+
+    # ------------------------------------------------------------------ decode
+
+    def has_room(self, layer, cache: QuantizedLayerCache):
+        if self.inner.evicts:
+            return jnp.ones((cache.batch,), bool)
+        ring_free = cache.ring_count < cache.residual_slots
+        return jnp.all(ring_free | jnp.any(self._free_groups(cache), axis=-1), axis=-1)
+
+    def _free_groups(self, cache):
+        """bool[B, Hkv, Cq/G]: every slot of the group is empty."""
+        g = self.group_size
+        qpos = cache.pos[:, :, : cache.quantized_slots]
+        return jnp.all(qpos.reshape(qpos.shape[:2] + (-1, g)) < 0, axis=-1)
+
+    def _victim_group(self, layer, cache, q_pos):
+        """i32[B, Hkv]: the quantized group with the lowest total eviction score (never a group
+        holding a protected token)."""
+        g, cq = self.group_size, cache.quantized_slots
+        budget = cache.capacity
+        scores = self.inner.eviction_scores(layer, cache, q_pos)[:, :, :cq]
+        keep = protected_mask(cache.pos[:, :, :cq], q_pos, self.inner.n_sink, self.inner.recent_window(budget))
+        valid = cache.pos[:, :, :cq] >= 0
+        grp = lambda x: x.reshape(x.shape[:2] + (-1, g))
+        total = jnp.sum(jnp.where(grp(valid), grp(scores), 0.0), axis=-1)
+        total = jnp.where(jnp.any(grp(keep), axis=-1), jnp.inf, total)
+        return jnp.argmin(total, axis=-1).astype(jnp.int32)
+
+    def decode_slot(self, layer, cache: QuantizedLayerCache, q_pos):
+        """Flushes the G oldest ring tokens into a free (or freed) group when the ring is full;
+        returns the ring slot (global index Cq + ring index) for the new token."""
+        g, r, cq = self.group_size, cache.residual_slots, cache.quantized_slots
+        ring_full = cache.ring_count >= r  # [B, Hkv]
+        ok = jnp.ones((cache.batch,), bool)
+        if cq > 0:
+            free = self._free_groups(cache)
+            has_free = jnp.any(free, axis=-1)
+            target = jnp.where(has_free, jnp.argmax(free, axis=-1),
+                               self._victim_group(layer, cache, q_pos) if self.inner.evicts else 0)
+            can_flush = has_free | self.inner.evicts
+            flush = ring_full & can_flush
+            ok = jnp.all(~ring_full | can_flush, axis=-1)
+            cache = self._flush(cache, flush, target.astype(jnp.int32))
+        else:
+            ok = jnp.all(~ring_full, axis=-1)
+        slot = cq + (cache.ring_start + cache.ring_count) % r
+        return cache, slot.astype(jnp.int32), ok
+
+    def _flush(self, cache: QuantizedLayerCache, flush, target):
+        """Quantizes the G oldest ring tokens of (row, head) pairs where `flush`, into group `target`."""
+        g, r, cq = self.group_size, cache.residual_slots, cache.quantized_slots
+        ring_idx = (cache.ring_start[..., None] + jnp.arange(g)[None, None]) % r  # [B, Hkv, G]
+        k = _take(cache.k_res, ring_idx)  # [B, Hkv, G, D]
+        v = _take(cache.v_res, ring_idx)
+        pos = _take(cache.pos[:, :, cq:], ring_idx)
+        score = _take(cache.score[:, :, cq:], ring_idx)
+        kq, ks, km, vq, vs, vm = dispatch.quantize_kv(k, v, self.bits, g, self.scale_dtype)  # ks, km: [B, Hkv, 1, D]
+        dst = target[..., None] * g + jnp.arange(g)[None, None]  # [B, Hkv, G] quantized slots
+        fl = jnp.broadcast_to(flush[..., None], dst.shape)
+        cache = cache.replace(
+            kq=_put(cache.kq, dst, kq, fl), vq=_put(cache.vq, dst, vq, fl),
+            v_scale=_put(cache.v_scale, dst, vs, fl), v_min=_put(cache.v_min, dst, vm, fl),
+            k_scale=_put(cache.k_scale, target[..., None], ks, flush[..., None]),
+            k_min=_put(cache.k_min, target[..., None], km, flush[..., None]),
+            pos=_put(cache.pos, dst, pos, fl), score=_put(cache.score, dst, score, fl))
+        ring_slots = cq + ring_idx
+        cache = cache.replace(pos=_put(cache.pos, ring_slots, jnp.full(ring_idx.shape, EMPTY), fl),
+                              score=_put(cache.score, ring_slots, jnp.zeros(ring_idx.shape), fl))
+        return cache.replace(ring_start=jnp.where(flush, (cache.ring_start + g) % r, cache.ring_start),
+                             ring_count=jnp.where(flush, cache.ring_count - g, cache.ring_count))
+
+    def write(self, layer, cache: QuantizedLayerCache, k, v, q_pos, slot, active):
+        cq, r = cache.quantized_slots, cache.residual_slots
+        b, hk = slot.shape
+        act = jnp.broadcast_to(active[:, None], (b, hk))
+        ring = (slot - cq)[..., None]
+        score = self.inner.new_token_score(layer, k, q_pos)
+        cache = cache.replace(
+            k_res=_put(cache.k_res, ring, k[:, :, None], act[..., None]),
+            v_res=_put(cache.v_res, ring, v[:, :, None], act[..., None]),
+            pos=_put(cache.pos, slot[..., None], jnp.broadcast_to(q_pos[:, None, None], (b, hk, 1)), act[..., None]),
+            score=_put(cache.score, slot[..., None], score[..., None], act[..., None]))
+        return cache.replace(ring_count=jnp.where(act, cache.ring_count + 1, cache.ring_count))
+
+    def attend(self, layer, cache: QuantizedLayerCache, q, q_pos, *, sliding_window=None, inv_freq=None):
+        return dispatch.quantized_decode_attention(q, cache, q_pos, sliding_window=sliding_window,
+                                                   group_reduce=self.group_reduce)
+
+    def observe(self, layer, cache, mass, q_pos, active):
+        return self.inner.observe(layer, cache, mass, q_pos, active)
+
+
+def quantized_attention_reference(q, cache: QuantizedLayerCache, q_pos, *, sliding_window=None, group_reduce="mean"):
+    """Dequantize-then-attend reference: (out [B, H, D], mass f32[B, Hkv, Cq + R])."""
+    k, v = cache.dense_kv(jnp.float32)
+    out, mass = reference.decode_attention(q.astype(jnp.float32), k, v, cache.pos, q_pos,
+                                           sliding_window=sliding_window, group_reduce=group_reduce)
+    return out.astype(q.dtype), mass

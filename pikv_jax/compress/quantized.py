@@ -1,0 +1,76 @@
+"""`QuantizedCompressor`: KIVI quantization with the seed's standalone call shape, and its cache
+policy for generation (pikv_jax/compress/kivi.py holds the cache layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pikv_jax.attention import reference
+from pikv_jax.cache.state import _pytree_dataclass, static_field
+from pikv_jax.compress import quant
+from pikv_jax.compress.base import CompressedKV, KVCompressor
+from pikv_jax.compress.kivi import QuantizedPolicy
+
+
+@_pytree_dataclass
+class QuantizedKV(CompressedKV):
+    """The oldest Sq tokens quantized (Sq a multiple of G), the newest S - Sq in full precision.
+
+    kq, vq: u8[B, Hkv, Sq, D*bits/8]; k_scale, k_min: [B, Hkv, Sq/G, D]; v_scale, v_min:
+    [B, Hkv, Sq, D/G]; k_res, v_res: [B, Hkv, S - Sq, D]."""
+
+    kq: jax.Array
+    k_scale: jax.Array
+    k_min: jax.Array
+    vq: jax.Array
+    v_scale: jax.Array
+    v_min: jax.Array
+    k_res: jax.Array
+    v_res: jax.Array
+    bits: int = static_field(default=4)
+    group_size: int = static_field(default=32)
+
+    def decompress(self):
+        k = quant.dequantize_keys(self.kq, self.k_scale, self.k_min, self.bits, self.group_size)
+        v = quant.dequantize_values(self.vq, self.v_scale, self.v_min, self.bits, self.group_size)
+        return (jnp.concatenate([k, self.k_res.astype(jnp.float32)], axis=2),
+                jnp.concatenate([v, self.v_res.astype(jnp.float32)], axis=2))
+
+    def attend(self, q):
+        k, v = self.decompress()
+        pos = jnp.broadcast_to(jnp.arange(k.shape[2], dtype=jnp.int32), k.shape[:3])
+        out, _ = reference.decode_attention(q.astype(jnp.float32), k, v, pos, jnp.full((q.shape[0],), k.shape[2]))
+        return out
+
+
+class QuantizedCompressor(KVCompressor):
+    """KIVI asymmetric min-max quantization: keys per channel over groups of `group_size` tokens,
+    values per token over groups of `group_size` channels, `bits` in {2, 4, 8} packed, the newest
+    `residual_length` tokens (a multiple of group_size) kept in full precision. scale_dtype:
+    storage of scales/minimums (float16 as in KIVI)."""
+
+    name = "quantized"
+
+    def __init__(self, bits: int = 8, group_size: int = 32, residual_length: int = 128, scale_dtype=jnp.float16):
+        super().__init__()
+        # QuantizedPolicy validates bits, group_size and residual_length with clear messages
+        self._policy = QuantizedPolicy(bits=bits, group_size=group_size, residual_length=residual_length,
+                                       scale_dtype=scale_dtype)
+        self.bits, self.group_size, self.residual_length, self.scale_dtype = bits, group_size, residual_length, scale_dtype
+        self.name = f"int{bits}"
+
+    def compress(self, keys, values, importance=None) -> QuantizedKV:
+        self._policy.check_head_dim(keys.shape[-1])
+        g, r = self.group_size, self.residual_length
+        s = keys.shape[2]
+        sq = -(-max(s - r, 0) // g) * g
+        kq, ks, km = quant.quantize_keys(keys[:, :, :sq], self.bits, g, self.scale_dtype)
+        vq, vs, vm = quant.quantize_values(values[:, :, :sq], self.bits, g, self.scale_dtype)
+        return QuantizedKV(kq=kq, k_scale=ks, k_min=km, vq=vq, v_scale=vs, v_min=vm, k_res=keys[:, :, sq:],
+                           v_res=values[:, :, sq:], bits=self.bits, group_size=g)
+
+    def as_policy(self, inner=None) -> QuantizedPolicy:
+        return self._policy if inner is None else dataclasses.replace(self._policy, inner=inner)
