@@ -293,14 +293,18 @@ class QuantizedPolicy(CachePolicy):
         ring_full = cache.ring_count >= r  # [B, Hkv]
         ok = jnp.ones((cache.batch,), bool)
         if cq > 0:
-            free = self._free_groups(cache)
-            has_free = jnp.any(free, axis=-1)
-            target = jnp.where(has_free, jnp.argmax(free, axis=-1),
-                               self._victim_group(layer, cache, q_pos) if self.inner.evicts else 0)
-            can_flush = has_free | self.inner.evicts
-            flush = ring_full & can_flush
+            can_flush = jnp.ones_like(ring_full) if self.inner.evicts else jnp.any(self._free_groups(cache), axis=-1)
             ok = jnp.all(~ring_full | can_flush, axis=-1)
-            cache = self._flush(cache, flush, target.astype(jnp.int32))
+            flush = ring_full & can_flush
+
+            def do_flush(c):  # only every G steps: a branch, not masked work on every step
+                free = self._free_groups(c)
+                has_free = jnp.any(free, axis=-1)
+                victim = self._victim_group(layer, c, q_pos) if self.inner.evicts else 0
+                target = jnp.where(has_free, jnp.argmax(free, axis=-1), victim)
+                return self._flush(c, flush, target.astype(jnp.int32))
+
+            cache = jax.lax.cond(jnp.any(flush), do_flush, lambda c: c, cache)
         else:
             ok = jnp.all(~ring_full, axis=-1)
         slot = cq + (cache.ring_start + cache.ring_count) % r
