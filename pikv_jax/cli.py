@@ -233,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a cache policy / compression")
     add_generate_args(g)
     g.set_defaults(func=cmd_generate)
+    from pikv_jax.eval.cli import add_eval_args, cmd_eval
+    from pikv_jax.train.cli import add_distill_args, cmd_distill
+
+    e = sub.add_parser("eval", help="passkey retrieval, perplexity and logit fidelity under cache methods")
+    add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+    d = sub.add_parser("distill", help="distillation training (LoRA compressor, DuoAttention gates, MoE student)")
+    add_distill_args(d)
+    d.set_defaults(func=cmd_distill)
     i = sub.add_parser("info", help="versions, devices and the bundled model's path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)

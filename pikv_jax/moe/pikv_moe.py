@@ -260,6 +260,14 @@ class PiKVMoE(nnx.Module):
         y = jnp.einsum("te,eth->th", w, all_out) + self.shared_output(x2)
         return y.reshape(x.shape).astype(x.dtype)
 
+    def distillation_step(self, input_data, teacher_hidden, optimizer=None, *, key=None) -> dict:
+        """The seed's `model.distillation_step`: one optimizer step on this layer's loss (router aux +
+        distill_coef * distillation) with a `pikv_jax.train.SeedOptimizer` (losses only without one).
+        See pikv_jax/train/moe.py."""
+        from pikv_jax.train.moe import distillation_step
+
+        return distillation_step(self, input_data, teacher_hidden, optimizer, key=key)
+
     def get_stats(self) -> dict:
         """Host-side statistics of the last call: expert loads, drops, auxiliary losses, router entropy."""
         s = self.stats.get_value()

@@ -1,0 +1,186 @@
+"""Evaluation output: one JSON file, a PNG of passkey accuracy against kept bytes per method, and a
+markdown table for the README.
+
+Kept bytes are what the kept tokens of one sequence take in a bf16 K+V cache (or what a compressed
+cache reports), so eviction and quantization share one axis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+MiB = 2.0**20
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """"h2o@0.25" -> ("h2o", "0.25"); "full" -> ("full", "")."""
+    base, _, budget = label.rpartition("@")
+    return (base, budget) if base else (label, "")
+
+
+def budget_text(budget: str) -> str:
+    if not budget:
+        return "100%"
+    if budget.endswith("t"):
+        return f"{budget[:-1]} tok"
+    try:
+        return f"{100 * float(budget):g}%"
+    except ValueError:
+        return budget
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+def write_json(path: str, payload: dict) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_clean(payload), f, indent=1)
+    return path
+
+
+def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int | None = None,
+                           title: str | None = None) -> str | None:
+    """One panel per mode: accuracy (y) against kept KV MiB per sequence (x); one line per policy
+    through its budgets, the full cache as a star. Returns the path (None without rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary if context is None or r["context"] == context]
+    if not rows:
+        return None
+    modes = [m for m in ("query_aware", "query_agnostic") if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), squeeze=False)
+    bases = sorted({split_label(r["method"])[0] for r in rows}, key=lambda b: (b != "full", b))
+    cmap = plt.get_cmap("tab10")
+    markers = "osD^vP<>Xh"
+    for ax, mode in zip(axes[0], modes):
+        for i, base in enumerate(bases):
+            pts = sorted(((r["kept_bytes"] / MiB, r["accuracy"], split_label(r["method"])[1]) for r in rows
+                          if r["mode"] == mode and split_label(r["method"])[0] == base))
+            if not pts:
+                continue
+            x, y, b = zip(*pts)
+            if base == "full":
+                ax.scatter(x, y, marker="*", s=220, color="black", zorder=5, label="full")
+                ax.axhline(np.mean(y), color="black", lw=0.8, ls=":")
+            else:
+                ax.plot(x, y, marker=markers[i % len(markers)], color=cmap(i % 10), alpha=0.8, ms=7,
+                        ls="-" if i < 10 else "--", label=base)
+                for xi, yi, bi in zip(x, y, b):
+                    ax.annotate(budget_text(bi), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xlabel("kept KV bytes per sequence (MiB, bf16-equivalent)")
+        ax.set_ylabel("passkey accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(mode.replace("_", "-"))
+    axes[0][-1].legend(fontsize=7, loc="best")
+    ctx = f" at {context} tokens" if context else ""
+    fig.suptitle(title or f"Passkey accuracy vs kept cache bytes{ctx}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x, spec=".2f", na="n/a"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return na
+    return format(x, spec)
+
+
+def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), context: int | None = None,
+                   methods: Sequence[str] | None = None) -> str:
+    """The README table: per method, passkey accuracy (query-aware / query-agnostic), perplexity
+    change, KL and top-1 against the full cache, kept / allocated cache bytes and decode ms/token
+    (with its ratio to the full cache), from the query-aware passkey runs at `context`."""
+    rows = [r for r in summary if context is None or r["context"] == context]
+    by = {(r["method"], r["mode"]): r for r in rows}
+    ppl = {r["method"]: r for r in prefix_ppl}
+    labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + list(ppl)))
+    full_ms = (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic")) or {}).get("decode_ms_per_token")
+
+    def order(label):
+        base, b = split_label(label)
+        try:
+            bv = -float(b) if b and not b.endswith("t") else (0.0 if b else -2.0)
+        except ValueError:
+            bv = 0.0
+        return (bv, base != "full", base)
+
+    head = ("| method | budget | passkey q-aware | passkey q-agnostic | ppl change | KL(full‖m) | top-1 | "
+            "kept KV (MiB) | allocated (MiB) | decode ms/token | vs full |")
+    lines = [head, "|" + "---|" * 11]
+    for label in sorted(labels, key=order):
+        base, b = split_label(label)
+        qa, qg = by.get((label, "query_aware")), by.get((label, "query_agnostic"))
+        any_row = qa or qg or {}
+        p = ppl.get(label, {})
+        ms = any_row.get("decode_ms_per_token")
+        ratio = ms / full_ms if ms and full_ms else None
+        lines.append("| " + " | ".join([
+            base, budget_text(b),
+            _fmt(qa and qa["accuracy"], ".0%"), _fmt(qg and qg["accuracy"], ".0%"),
+            _fmt(p.get("ppl_change"), "+.1%"), _fmt(p.get("kl_mean"), ".3f"), _fmt(p.get("top1_agreement"), ".0%"),
+            _fmt(any_row.get("kept_bytes") and any_row["kept_bytes"] / MiB, ".1f"),
+            _fmt(any_row.get("cache_bytes") and any_row["cache_bytes"] / MiB, ".1f"),
+            _fmt(ms, ".1f"), _fmt(ratio, ".2f") + ("x" if ratio else "")]) + " |")
+    return "\n".join(lines)
+
+
+def speed_table(rows: Sequence[dict]) -> str:
+    """Decode ms/token per (context, batch, method) with the ratio to the full cache."""
+    lines = ["| context | batch | method | decode ms/token | vs full | allocated (MiB) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {_fmt(r['decode_ms_per_token'], '.1f')} | "
+                     f"{_fmt(r.get('ratio_vs_full'), '.2f')}x | {_fmt(r['cache_bytes'] / MiB, '.1f')} |")
+    return "\n".join(lines)
+
+
+def eviction_table(rows: Sequence[dict]) -> str:
+    lines = ["| method | cache tokens | text tokens | perplexity | change vs full |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r.get('cache_tokens') or 'all'} | {r['text_tokens']} | "
+                     f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['ppl_change'], '+.1%')} |")
+    return "\n".join(lines)
+
+
+def passkey_breakdown(records: Sequence[dict], *, keys=("haystack", "n_keys")) -> str:
+    """Accuracy per method and mode split by `keys` (e.g. haystack and number of keys)."""
+    from pikv_jax.eval.passkey import summarize
+
+    rows = summarize(list(records), ("method", "mode") + tuple(keys))
+    cols = sorted({tuple(r[k] for k in keys) for r in rows}, key=str)
+    head = "| method | mode | " + " | ".join("/".join(map(str, c)) for c in cols) + " |"
+    lines = [head, "|" + "---|" * (2 + len(cols))]
+    cell = {(r["method"], r["mode"]) + tuple(r[k] for k in keys): r for r in rows}
+    for m, mode in dict.fromkeys((r["method"], r["mode"]) for r in rows):
+        vals = [cell.get((m, mode) + c) for c in cols]
+        lines.append(f"| {m} | {mode} | " + " | ".join(_fmt(v and v["accuracy"], ".0%") for v in vals) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["budget_text", "eviction_table", "markdown_table", "passkey_breakdown", "plot_accuracy_vs_bytes",
+           "speed_table", "split_label", "write_json"]

@@ -1,0 +1,443 @@
+"""One evaluation run: passkey, perplexity, logit fidelity and decode speed for a list of methods,
+written as `<out>/<name>.json`, `.png` (accuracy against kept bytes) and `.md` (README tables).
+
+Shared by `pikv eval` and `scripts/eval_grid.py`. Shapes are reused so that each (method, context,
+mode) compiles once: passkey prompts of one context have one length, and the questions of one
+task one token length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+from pikv_jax.eval import fidelity, passkey, perplexity, report
+from pikv_jax.eval.methods import parse_methods
+
+TASKS = ("passkey", "ppl", "fidelity", "speed")
+DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
+                   "snapkv@0.25")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Everything one run does. Contexts in tokens, depths in [0, 1], budgets inside method specs."""
+
+    model: str = "smollm2"
+    dtype: str = "float32"
+    methods: Sequence[str] = DEFAULT_METHODS
+    tasks: Sequence[str] = ("passkey", "ppl", "fidelity")
+    # passkey
+    contexts: Sequence[int] = (1024, 2048, 4096)
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seeds: Sequence[int] = (0, 1, 2)
+    haystacks: Sequence[str] = ("repetitive", "varied")
+    keys: Sequence[int] = (1, 3)
+    modes: Sequence[str] = passkey.MODES
+    max_new_tokens: int = 8
+    batch_size: int = 1
+    # perplexity (a) and fidelity: prefix compressed, continuation teacher-forced
+    ppl_prefix: int = 1024
+    ppl_tokens: int = 128
+    ppl_windows: int = 2
+    # perplexity (b): decode-time eviction over a text `eviction_factor` x the cache
+    eviction_cache: int = 512
+    eviction_factor: int = 4
+    eviction_methods: Sequence[str] = ("streaming_llm@{cache}t",)
+    # decode speed
+    speed_context: int = 4096
+    speed_methods: Sequence[str] = ("full", "snapkv@0.25", "h2o@0.25")
+    speed_batches: Sequence[int] = (1,)
+    speed_new_tokens: int = 32
+    # output
+    out: str = "eval-out"
+    name: str = "eval"
+    table_context: int | None = None  # context of the README table (default: the largest passkey context)
+    notes: Sequence[str] = ()
+    progress: bool = True
+    keep_going: bool = False  # record a method's error and go on with the others
+    resume: bool = False  # keep finished units in <out>/<name>.partial.jsonl and skip them when rerun
+    partial: str | None = None  # another checkpoint file (default <out>/<name>.partial.jsonl)
+    keep_partial: bool = False  # keep the checkpoint file after a complete run (to merge runs)
+
+    def validate(self):
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"unknown task {t!r}; allowed: {', '.join(TASKS)}")
+        for c in self.contexts:
+            if c < 64:
+                raise ValueError(f"contexts must be >= 64 tokens, got {c}")
+        for d in self.depths:
+            if not 0.0 <= d <= 1.0:
+                raise ValueError(f"depths must be in [0, 1], got {d}")
+        for m in self.modes:
+            if m not in passkey.MODES:
+                raise ValueError(f"mode {m!r}; allowed: {', '.join(passkey.MODES)}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if self.ppl_prefix < 8 or self.ppl_tokens < 2 or self.ppl_windows < 1:
+            raise ValueError("ppl_prefix >= 8, ppl_tokens >= 2 and ppl_windows >= 1 are required")
+        if self.eviction_cache < 16 or self.eviction_factor < 2:
+            raise ValueError("eviction_cache >= 16 and eviction_factor >= 2 are required")
+
+
+def smoke_config(**overrides) -> EvalConfig:
+    """A run that fits CI (about 3 minutes on 2 CPU cores, model load and compiles included)."""
+    base = dict(methods=("full", "snapkv@0.5", "streaming_llm@0.5"), contexts=(512,), depths=(0.25, 0.75),
+                seeds=(0,), haystacks=("varied",), keys=(1,), batch_size=2, max_new_tokens=6,
+                tasks=("passkey", "ppl", "fidelity"), ppl_prefix=256, ppl_tokens=24, ppl_windows=1,
+                eviction_cache=64, eviction_factor=4, name="eval-smoke")
+    base.update(overrides)
+    return EvalConfig(**base)
+
+
+class Progress:
+    """A tqdm bar on stderr (a plain counter when tqdm is missing or progress is off)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, smoothing=0.1)
+            except ImportError:  # pragma: no cover
+                pass
+
+    def __call__(self, desc: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(desc[:50], refresh=False)
+            self.bar.update(1)
+
+    def skip(self, n: int):
+        """Counts `n` units restored from a checkpoint."""
+        if self.bar is not None and n:
+            self.bar.update(n)
+
+    def stage(self, desc: str):
+        if self.bar is not None:
+            self.bar.set_description(desc)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _eviction_specs(cfg: EvalConfig) -> list[str]:
+    return [s.format(cache=cfg.eviction_cache) for s in cfg.eviction_methods]
+
+
+def run_eval(cfg: EvalConfig, model=None) -> dict:
+    """Runs the configured tasks and writes the JSON / PNG / markdown; returns the payload."""
+    cfg.validate()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    if model is None:
+        from pikv_jax.api import PiKVModel
+
+        t0 = time.perf_counter()
+        model = PiKVModel.from_pretrained(cfg.model, dtype=cfg.dtype)
+        timings["load_s"] = time.perf_counter() - t0
+    codec = passkey.codec_for(model)
+    tasks = set(cfg.tasks)
+
+    def methods_at(specs, context_len):  # a method's policy may depend on the prompt length (Quest, Duo)
+        return parse_methods(list(specs), model=model, context_len=context_len)
+
+    methods = methods_at(cfg.methods, max(cfg.contexts) if cfg.contexts else cfg.ppl_prefix)
+
+    cases = []
+    if "passkey" in tasks:
+        cases = passkey.build_cases(codec, contexts=cfg.contexts, depths=cfg.depths, seeds=cfg.seeds,
+                                    haystacks=cfg.haystacks, keys=cfg.keys)
+    ev_methods = methods_at(_eviction_specs(cfg), cfg.eviction_cache) if "ppl" in tasks else []
+    sp_methods = methods_at(cfg.speed_methods, cfg.speed_context) if "speed" in tasks else []
+    total = (len(methods) * len(cfg.modes) * sum(passkey.count_calls([c for c in cases if c.context_len == n],
+                                                                      cfg.batch_size) for n in cfg.contexts)
+             + ((len(methods) + 1) if tasks & {"ppl", "fidelity"} else 0)
+             + ((len(ev_methods) + 1) if "ppl" in tasks else 0)
+             + len(sp_methods) * len(cfg.speed_batches))
+    bar = Progress(total, cfg.progress)
+    ckpt = Checkpoint((cfg.partial or os.path.join(cfg.out, cfg.name + ".partial.jsonl")) if cfg.resume else None)
+    payload: dict = {}
+    errors: list[dict] = []
+    try:
+        if cases:
+            bar.stage("passkey")
+            t0 = time.perf_counter()
+            records = []
+            setting = [list(cfg.depths), list(cfg.seeds), list(cfg.haystacks), list(cfg.keys), cfg.max_new_tokens]
+            for n in cfg.contexts:  # context-major: one context's compiles are reused across methods' modes
+                sub = [c for c in cases if c.context_len == n]
+                calls = passkey.count_calls(sub, cfg.batch_size)
+                for m in methods_at(cfg.methods, n):
+                    for mode in cfg.modes:
+                        key = ["passkey", n, m.label, mode, setting]
+                        got = ckpt.get(key)
+                        if got is None:
+                            try:
+                                got = passkey.run_passkey(model, [m], sub, modes=[mode],
+                                                          max_new_tokens=cfg.max_new_tokens,
+                                                          batch_size=cfg.batch_size, codec=codec, progress=bar)
+                            except Exception as e:  # one broken method must not sink a long grid
+                                if not cfg.keep_going:
+                                    raise
+                                errors.append(_error("passkey", m.label, e, mode=mode, context=n))
+                                bar.skip(calls)
+                                continue
+                            ckpt.put(key, got)
+                        else:
+                            bar.skip(calls)
+                        records += got
+            timings["passkey_s"] = time.perf_counter() - t0
+            payload["passkey"] = {"summary": passkey.summarize(records),
+                                  "by_haystack_keys": passkey.summarize(
+                                      records, ("method", "mode", "context", "haystack", "n_keys")),
+                                  "records": records}
+        if tasks & {"ppl", "fidelity"}:
+            bar.stage("perplexity/fidelity")
+            t0 = time.perf_counter()
+            ids = perplexity.heldout_ids(model, codec=codec)
+            pm = methods_at(cfg.methods, cfg.ppl_prefix)
+            tag = ["prefix", cfg.ppl_prefix, cfg.ppl_tokens, cfg.ppl_windows, "fidelity" in tasks]
+            cached = {m.label: ckpt.get(tag + [m.label]) for m in pm if ckpt.get(tag + [m.label]) is not None}
+            bar.skip(len(cached) + (len(cached) == len(pm)))
+            rows = perplexity.prefix_perplexity(model, pm, ids, prefix_len=cfg.ppl_prefix, cont_len=cfg.ppl_tokens,
+                                                n_windows=cfg.ppl_windows, with_fidelity="fidelity" in tasks,
+                                                progress=bar, cached=cached,
+                                                on_row=lambda r: ckpt.put(tag + [r["method"]], r),
+                                                errors=errors if cfg.keep_going else None)
+            timings["prefix_ppl_s"] = time.perf_counter() - t0
+            payload["prefix_perplexity"] = rows
+            if "ppl" in tasks:
+                t0 = time.perf_counter()
+                tag = ["eviction", cfg.eviction_cache, cfg.eviction_factor]
+                labels = ["full"] + [m.label for m in ev_methods]
+                cached = {lab: ckpt.get(tag + [lab]) for lab in labels if ckpt.get(tag + [lab]) is not None}
+                bar.skip(len(cached))
+                payload["eviction_perplexity"] = perplexity.eviction_perplexity(
+                    model, ev_methods, ids, cache_tokens=cfg.eviction_cache, text_factor=cfg.eviction_factor,
+                    progress=bar, cached=cached, on_row=lambda r: ckpt.put(tag + [r["method"]], r),
+                    errors=errors if cfg.keep_going else None)
+                timings["eviction_ppl_s"] = time.perf_counter() - t0
+        if sp_methods:
+            bar.stage("decode speed")
+            t0 = time.perf_counter()
+            payload["decode_speed"] = decode_speed(model, sp_methods, context=cfg.speed_context,
+                                                   batches=cfg.speed_batches, new_tokens=cfg.speed_new_tokens,
+                                                   codec=codec, progress=bar, ckpt=ckpt,
+                                                   errors=errors if cfg.keep_going else None)
+            timings["speed_s"] = time.perf_counter() - t0
+    finally:
+        bar.close()
+    timings["total_s"] = time.perf_counter() - t_start
+    timings["process_cpu_s"] = time.process_time() - cpu_start  # wall time is inflated on a shared machine
+    payload["meta"] = _meta(cfg, model, timings)
+    payload["errors"] = errors
+    payload["goals"] = goals(payload, table_context=_table_context(cfg))
+    out = write_outputs(payload, cfg)
+    if not cfg.keep_partial:
+        ckpt.finish()
+    return out
+
+
+def decode_speed(model, methods, *, context: int, batches: Sequence[int], new_tokens: int, codec=None,
+                 progress=None, ckpt: "Checkpoint | None" = None, errors: list | None = None) -> list[dict]:
+    """Decode ms/token with a `context`-token prompt of varied text, stop tokens disabled, per
+    method and batch, measured side by side; ratio against the full cache of the same batch.
+    Bytes are per batch (all rows)."""
+    codec = codec or passkey.codec_for(model)
+    ckpt = ckpt or Checkpoint(None)
+    hay = passkey.make_haystack(codec, "varied")
+    prompt = [hay.ids[i % len(hay.ids)] for i in range(context)]
+    rows = []
+    for b in batches:
+        group = []
+        for m in sorted(methods, key=lambda m: not m.is_full):
+            key = ["speed", m.label, context, b, new_tokens]
+            row = ckpt.get(key)
+            if row is None:
+                try:
+                    out = model.generate([prompt] * b, new_tokens, policy=m.policy, stop_ids=())
+                except Exception as e:
+                    if errors is None:
+                        raise
+                    errors.append(_error("decode_speed", m.label, e, batch=b, context=context))
+                    continue
+                st = out.stats
+                row = dict(method=m.label, context=context, batch=b, new_tokens=new_tokens,
+                           decode_ms_per_token=st["decode_ms_per_token"],
+                           prefill_tokens_per_s=st["prefill_tokens_per_s"], cache_bytes=st["cache_bytes"],
+                           full_cache_bytes=st["full_cache_bytes"],
+                           kept_bytes=passkey.kept_bytes_per_row(st, model.config) * b, compile_s=st["compile_s"])
+                ckpt.put(key, row)
+            group.append(row)
+            if progress:
+                progress(f"speed {m.label} b{b}")
+        full_ms = next((r["decode_ms_per_token"] for r in group if r["method"] == "full"), None)
+        for r in group:
+            r["ratio_vs_full"] = r["decode_ms_per_token"] / full_ms if full_ms else None
+        rows += group
+    return rows
+
+
+class Checkpoint:
+    """Finished units of a run (one JSON line each) in `<out>/<name>.partial.jsonl`, so that an
+    interrupted run resumes where it stopped; removed when the run completes. Disabled with path None."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.done: dict[str, object] = {}
+        if path and os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by an interruption
+                    self.done[item["key"]] = item["value"]
+
+    @staticmethod
+    def _key(key) -> str:
+        return json.dumps(key, sort_keys=True)
+
+    def get(self, key):
+        return self.done.get(self._key(key))
+
+    def put(self, key, value) -> None:
+        if not self.path:
+            return
+        k = self._key(key)
+        self.done[k] = value
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": k, "value": report._clean(value)}) + "\n")
+
+    def finish(self) -> None:
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _error(task: str, method: str, e: Exception, **where) -> dict:
+    import traceback
+
+    print(f"[pikv] eval: {task} {method} {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    return dict(task=task, method=method, **where, error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=6))
+
+
+def _table_context(cfg: EvalConfig) -> int | None:
+    if cfg.table_context is not None:
+        return cfg.table_context
+    return max(cfg.contexts) if cfg.contexts else None
+
+
+def goals(payload: dict, *, table_context: int | None) -> dict:
+    """The README's three goals, checked on what this run measured (None = not measured)."""
+    out: dict = {}
+    summary = payload.get("passkey", {}).get("summary", [])
+    rows = [r for r in summary if r["mode"] == "query_aware" and (table_context is None or r["context"] == table_context)]
+    full = next((r["accuracy"] for r in rows if r["method"] == "full"), None)
+    quarter = [r for r in rows if report.split_label(r["method"])[1] in ("0.25", "25%")]
+    if full is not None and quarter:
+        best = max(quarter, key=lambda r: r["accuracy"])
+        rel = best["accuracy"] / full if full > 0 else None
+        out["passkey_25pct"] = dict(goal="best policy at a 25% budget keeps >= 90% of the full cache's query-aware "
+                                         "passkey accuracy", context=table_context, full_accuracy=full,
+                                    best_method=best["method"], best_accuracy=best["accuracy"], relative=rel,
+                                    met=None if rel is None else bool(rel >= 0.9))
+    speed = payload.get("decode_speed", [])
+    q = [r for r in speed if report.split_label(r["method"])[1] in ("0.25", "25%") and r.get("ratio_vs_full")]
+    if q:
+        best = min(q, key=lambda r: r["ratio_vs_full"])
+        out["decode_4k_25pct"] = dict(goal="decode with a 25% budget takes <= 0.6x the full cache's ms/token",
+                                      context=best["context"], batch=best["batch"], method=best["method"],
+                                      ratio=best["ratio_vs_full"], met=bool(best["ratio_vs_full"] <= 0.6),
+                                      all=[{k: r[k] for k in ("method", "batch", "ratio_vs_full")} for r in q])
+    ev = [r for r in payload.get("eviction_perplexity", []) if r["method"].startswith("streaming_llm")]
+    if ev:
+        r = ev[0]
+        out["streaming_llm_ppl"] = dict(goal="StreamingLLM with decode-time eviction keeps perplexity within 10% of "
+                                             "the full cache on a text 4x longer than its cache", method=r["method"],
+                                        ppl=r["ppl"], ppl_full=r["ppl_full"], change=r["ppl_change"],
+                                        met=bool(r["ppl_change"] <= 0.10))
+    return out
+
+
+def _meta(cfg: EvalConfig, model, timings: dict) -> dict:
+    from pikv_jax.bench import machine_info
+
+    try:
+        machine = machine_info()
+    except Exception as e:  # pragma: no cover - informational only
+        machine = {"error": str(e)}
+    return dict(config=dataclasses.asdict(cfg), model=getattr(model, "name", cfg.model),
+                model_config=dict(layers=model.config.num_hidden_layers, kv_heads=model.config.num_key_value_heads,
+                                  head_dim=model.config.dim_per_head),
+                timings=timings, machine=machine, finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                notes=list(cfg.notes),
+                bytes_note="kept_bytes: kept tokens x bf16 K+V bytes per token, per sequence; cache_bytes: bytes "
+                           "the cache allocates per sequence (in the cache dtype); full_cache_bytes: a bf16 cache "
+                           "of every token seen")
+
+
+def markdown(payload: dict, *, table_context: int | None) -> str:
+    parts = [f"# Evaluation: {payload['meta']['model']}", ""]
+    summary = payload.get("passkey", {}).get("summary", [])
+    ctx = table_context
+    if summary or payload.get("prefix_perplexity"):
+        parts += [f"Passkey at {ctx} tokens; perplexity / KL with a {payload['meta']['config']['ppl_prefix']}-token "
+                  f"compressed prefix and {payload['meta']['config']['ppl_tokens']} scored tokens; decode ms/token from "
+                  "the query-aware passkey runs.", "",
+                  report.markdown_table(summary, prefix_ppl=payload.get("prefix_perplexity", []), context=ctx), ""]
+    if payload.get("passkey"):
+        parts += ["Passkey accuracy by haystack / number of keys (all contexts):", "",
+                  report.passkey_breakdown(payload["passkey"]["records"]), ""]
+    if payload.get("eviction_perplexity"):
+        parts += ["Decode-time eviction (text 4x longer than the cache):", "",
+                  report.eviction_table(payload["eviction_perplexity"]), ""]
+    if payload.get("decode_speed"):
+        parts += ["Decode speed (measured side by side in one run):", "", report.speed_table(payload["decode_speed"]), ""]
+    if payload.get("goals"):
+        parts += ["Goals:", ""]
+        for k, g in payload["goals"].items():
+            parts.append(f"- {g['goal']}: {'met' if g['met'] else 'NOT met' if g['met'] is not None else 'n/a'} "
+                         f"({', '.join(f'{a}={_short(b)}' for a, b in g.items() if a not in ('goal', 'met', 'all'))})")
+        parts.append("")
+    for e in payload.get("errors", []):
+        parts.append(f"- error: {e['task']} {e['method']}: {e['error']}")
+    t = payload["meta"]["timings"]
+    parts.append(f"Runtime: {t.get('total_s', 0) / 60:.1f} min on {payload['meta']['machine'].get('cpu_count')} CPU(s).")
+    for n in payload["meta"].get("notes", []):
+        parts.append(f"Note: {n}")
+    return "\n".join(parts) + "\n"
+
+
+def _short(x):
+    return f"{x:.3g}" if isinstance(x, float) else x
+
+
+def write_outputs(payload: dict, cfg: EvalConfig) -> dict:
+    base = os.path.join(cfg.out, cfg.name)
+    ctx = _table_context(cfg)
+    files = {"json": base + ".json", "md": base + ".md"}
+    if payload.get("passkey"):
+        png = report.plot_accuracy_vs_bytes(payload["passkey"]["summary"], base + ".png", context=ctx)
+        if png:
+            files["png"] = png
+    payload["meta"]["files"] = files
+    md = markdown(payload, table_context=ctx)
+    payload["table_markdown"] = md
+    report.write_json(files["json"], payload)
+    with open(files["md"], "w") as f:
+        f.write(md)
+    return payload
+
+
+__all__ = ["DEFAULT_METHODS", "EvalConfig", "TASKS", "decode_speed", "goals", "run_eval", "smoke_config"]

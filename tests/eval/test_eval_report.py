@@ -1,0 +1,146 @@
+"""Report writing (JSON, PNG, markdown) and a whole `run_eval` on a tiny random model."""
+
+import json
+import math
+
+import pytest
+
+from pikv_jax.eval import report as R
+
+
+def _summary():
+    rows = []
+    for method, acc, kept in [("full", 1.0, 8.0), ("h2o@0.5", 0.75, 4.0), ("h2o@0.25", 0.5, 2.0),
+                              ("snapkv@0.5", 1.0, 4.0), ("snapkv@0.25", 0.75, 2.0)]:
+        for mode in ("query_aware", "query_agnostic"):
+            rows.append(dict(method=method, mode=mode, context=2048, n=4, accuracy=acc if mode == "query_aware" else acc / 2,
+                             kept_tokens=kept * 10, kept_bytes=kept * R.MiB, cache_bytes=2 * kept * R.MiB,
+                             full_cache_bytes=8 * R.MiB, decode_ms_per_token=10 * kept, kept_fraction=kept / 8))
+    return rows
+
+
+def test_labels():
+    assert R.split_label("h2o@0.25") == ("h2o", "0.25") and R.split_label("full") == ("full", "")
+    assert R.split_label("snapkv+h2o@0.5") == ("snapkv+h2o", "0.5")
+    assert R.budget_text("0.25") == "25%" and R.budget_text("256t") == "256 tok" and R.budget_text("") == "100%"
+
+
+def test_markdown_table():
+    ppl = [dict(method="full", ppl_change=0.0, kl_mean=0.0, top1_agreement=1.0),
+           dict(method="h2o@0.25", ppl_change=0.123, kl_mean=0.0456, top1_agreement=0.9)]
+    md = R.markdown_table(_summary(), prefix_ppl=ppl, context=2048)
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | budget | passkey q-aware")
+    assert len(lines) == 2 + 5
+    assert lines[2].startswith("| full | 100% | 100% | 50% | +0.0% | 0.000 | 100% | 8.0 | 16.0 | 80.0 | 1.00x |")
+    h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
+    assert "+12.3%" in h2o and "0.046" in h2o and "0.25x" in h2o
+    # budgets: 50% rows before 25% rows
+    assert lines.index(next(line for line in lines if "| 50% |" in line)) < lines.index(h2o)
+    assert "n/a" in R.markdown_table(_summary(), context=2048)  # no perplexity rows
+
+
+def test_json_is_strict_and_png_written(tmp_path):
+    p = R.write_json(str(tmp_path / "sub" / "x.json"), {"a": float("nan"), "b": [1.0, float("inf")], "c": True})
+    data = json.loads(open(p).read())
+    assert data == {"a": None, "b": [1.0, None], "c": True}
+    png = R.plot_accuracy_vs_bytes(_summary(), str(tmp_path / "acc.png"), context=2048)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert R.plot_accuracy_vs_bytes(_summary(), str(tmp_path / "none.png"), context=1) is None
+
+
+def test_other_tables():
+    sp = R.speed_table([dict(context=4096, batch=1, method="full", decode_ms_per_token=50.0, ratio_vs_full=1.0,
+                             cache_bytes=R.MiB)])
+    assert "| 4096 | 1 | full | 50.0 | 1.00x | 1.0 |" in sp
+    ev = R.eviction_table([dict(method="streaming_llm@512t", cache_tokens=512, text_tokens=2048, ppl=10.0,
+                                ppl_change=0.05)])
+    assert "| streaming_llm@512t | 512 | 2048 | 10.00 | +5.0% |" in ev
+
+
+def test_run_eval_on_tiny_model(tmp_path):
+    """Every task end to end on a tiny random model (character codec), outputs written and sane."""
+    from pikv_jax.api import PiKVModel
+    from pikv_jax.config import tiny_config
+    from pikv_jax.eval.runner import EvalConfig, run_eval
+
+    model = PiKVModel.from_config(tiny_config(max_position_embeddings=2048))
+    cfg = EvalConfig(model="tiny", methods=("full", "snapkv(obs_window=8)@0.25"), tasks=("passkey", "ppl", "fidelity", "speed"),
+                     contexts=(320,), depths=(0.5,), seeds=(0,), haystacks=("varied",), keys=(1,), max_new_tokens=2,
+                     batch_size=1, ppl_prefix=64, ppl_tokens=8, ppl_windows=2, eviction_cache=32, eviction_factor=4,
+                     speed_context=256, speed_methods=("full", "snapkv(obs_window=8)@0.25"), speed_new_tokens=3,
+                     out=str(tmp_path), name="tiny", progress=False, resume=True)
+    payload = run_eval(cfg, model=model)
+    files = payload["meta"]["files"]
+    for k in ("json", "md", "png"):
+        assert (tmp_path / f"tiny.{k}").exists() and files[k].endswith(k)
+    assert not (tmp_path / "tiny.partial.jsonl").exists() and payload["errors"] == []
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert len(data["passkey"]["records"]) == 2 * 2
+    ppl = {r["method"]: r for r in data["prefix_perplexity"]}
+    assert ppl["full"]["kl_mean"] == 0.0 and ppl["full"]["top1_agreement"] == 1.0 and ppl["full"]["ppl_change"] == 0.0
+    assert ppl["snapkv(obs_window=8)@0.25"]["kl_mean"] > 0 and math.isfinite(ppl["snapkv(obs_window=8)@0.25"]["ppl"])
+    ev = {r["method"]: r for r in data["eviction_perplexity"]}
+    assert set(ev) == {"full", "streaming_llm@32t"} and ev["streaming_llm@32t"]["text_tokens"] == 128
+    assert all(math.isfinite(r["ppl"]) for r in ev.values())
+    sp = {r["method"]: r for r in data["decode_speed"]}
+    assert sp["full"]["ratio_vs_full"] == 1.0 and sp["snapkv(obs_window=8)@0.25"]["cache_bytes"] < sp["full"]["cache_bytes"]
+    assert set(data["goals"]) == {"passkey_25pct", "decode_4k_25pct", "streaming_llm_ppl"}
+    assert data["goals"]["passkey_25pct"]["best_method"] == "snapkv(obs_window=8)@0.25"
+    md = (tmp_path / "tiny.md").read_text()
+    assert "| method | budget |" in md and "Decode-time eviction" in md and "Goals:" in md
+
+
+def test_config_validation():
+    from pikv_jax.eval.runner import EvalConfig, smoke_config
+
+    with pytest.raises(ValueError, match="unknown task"):
+        EvalConfig(tasks=("passkey", "nope")).validate()
+    with pytest.raises(ValueError, match="depths"):
+        EvalConfig(depths=(1.2,)).validate()
+    with pytest.raises(ValueError, match="mode"):
+        EvalConfig(modes=("x",)).validate()
+    s = smoke_config()
+    s.validate()
+    assert s.contexts == (512,) and len(s.depths) == 2 and len(s.seeds) == 1
+
+
+def test_cli_args(tmp_path):
+    import argparse
+
+    from pikv_jax.eval.cli import add_eval_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    a = p.parse_args(["--methods", "full,h2o(recent_ratio=0.3,normalize=True)@0.25", "--contexts", "1024,2048",
+                      "--depths", "0,50%,1", "--seeds", "0,1", "--haystack", "varied", "--tasks", "passkey,ppl",
+                      "--out", str(tmp_path)])
+    cfg = config_from_args(a)
+    assert cfg.methods == ["full", "h2o(recent_ratio=0.3,normalize=True)@0.25"]
+    assert cfg.contexts == [1024, 2048] and cfg.depths == [0.0, 0.5, 1.0] and cfg.haystacks == ["varied"]
+    assert cfg.tasks == ["passkey", "ppl"] and cfg.out == str(tmp_path)
+    smoke = config_from_args(p.parse_args(["--smoke", "--out", str(tmp_path)]))
+    assert smoke.name == "eval-smoke" and smoke.contexts == (512,)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--contexts", "1k"])
+    with pytest.raises(ValueError, match="unknown task"):
+        config_from_args(p.parse_args(["--tasks", "passkey,bogus"]))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from pikv_jax.eval.runner import Checkpoint
+
+    path = str(tmp_path / "x.partial.jsonl")
+    ck = Checkpoint(path)
+    assert ck.get(["passkey", 2048, "h2o@0.25"]) is None
+    ck.put(["passkey", 2048, "h2o@0.25"], [{"a": 1.0, "b": float("nan")}])
+    with open(path, "a") as f:
+        f.write('{"key": "cut in the mid')  # an interrupted write
+    again = Checkpoint(path)
+    assert again.get(["passkey", 2048, "h2o@0.25"]) == [{"a": 1.0, "b": None}]
+    again.finish()
+    assert not (tmp_path / "x.partial.jsonl").exists()
+    off = Checkpoint(None)
+    off.put(["k"], 1)
+    assert off.get(["k"]) is None
