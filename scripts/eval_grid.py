@@ -38,6 +38,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--policies", type=_csv(str), default=None, help="default: the grid policies present")
     ap.add_argument("--budgets", type=_csv(str), default=["0.5", "0.25"])
+    ap.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(";") if m.strip()], default=None,
+                    help="explicit method specs separated by ';' (replaces --policies x --budgets), e.g. "
+                         "'full;int8;int4;h2o@0.25+int4'")
     ap.add_argument("--no-full", action="store_true", help="leave the full cache out (a partial run to be merged)")
     ap.add_argument("--contexts", type=_csv(int), default=[2048])
     ap.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9])
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pikv_jax.eval.runner import EvalConfig, run_eval
 
-    methods = grid_methods(args.policies, args.budgets, include_full=not args.no_full)
+    methods = args.methods or grid_methods(args.policies, args.budgets, include_full=not args.no_full)
     notes = list(args.note)
     cfg = EvalConfig(model=args.model, methods=methods, tasks=args.tasks,
                      contexts=args.contexts, depths=args.depths, seeds=args.seeds, haystacks=args.haystacks,
