@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--speed-methods", default="full,snapkv@0.25")
     ap.add_argument("--speed-batches", type=_csv(int), default=[1, 4])
     ap.add_argument("--speed-new-tokens", type=int, default=24)
+    ap.add_argument("--no-table-speed", dest="table_speed", action="store_false",
+                    help="do not time every method at the table context (the README table's decode column)")
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--name", default="eval-smollm2")
     ap.add_argument("--note", action="append", default=[], help="a note stored in the JSON metadata")
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
                      ppl_windows=args.ppl_windows, eviction_cache=args.eviction_cache,
                      eviction_methods=("streaming_llm@{cache}t", "streaming_llm(reindex_positions=True)@{cache}t"),
                      speed_context=args.speed_context, speed_methods=args.speed_methods.split(","),
-                     speed_batches=args.speed_batches, speed_new_tokens=args.speed_new_tokens, out=args.out,
+                     speed_batches=args.speed_batches, speed_new_tokens=args.speed_new_tokens, table_speed=args.table_speed, out=args.out,
                      name=args.name, table_context=max(args.contexts), notes=notes, resume=not args.fresh,
                      keep_going=True, partial=args.partial, keep_partial=args.keep_partial)
     cfg.validate()

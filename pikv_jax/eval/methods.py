@@ -103,7 +103,22 @@ def _policy_builder(name: str) -> MethodBuilder:
 ALIASES = {"none": "full", "streamingllm": "streaming_llm", "streaming": "streaming_llm"}
 
 
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_transforms() -> None:
+    """Registers the compression transforms (int8/int4/int2, svd, lora, fastv, chunkkv, pyramid, pikv)
+    on first use; imported lazily because pikv_jax.compress builds on the eviction policies."""
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
+        from pikv_jax.compress.eval_methods import register_eval_methods
+
+        register_eval_methods()
+
+
 def lookup(name: str) -> MethodBuilder:
+    _load_builtin_transforms()
     key = _norm(name)
     key = ALIASES.get(key, key)
     if key in _REGISTRY:
@@ -114,6 +129,7 @@ def lookup(name: str) -> MethodBuilder:
 
 
 def available_methods() -> list[str]:
+    _load_builtin_transforms()
     return sorted(set(POLICIES) | set(_REGISTRY))
 
 

@@ -112,15 +112,21 @@ def _fmt(x, spec=".2f", na="n/a"):
 
 
 def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), context: int | None = None,
-                   methods: Sequence[str] | None = None) -> str:
+                   methods: Sequence[str] | None = None, speed: Sequence[dict] = ()) -> str:
     """The README table: per method, passkey accuracy (query-aware / query-agnostic), perplexity
     change, KL and top-1 against the full cache, kept / allocated cache bytes and decode ms/token
-    (with its ratio to the full cache), from the query-aware passkey runs at `context`."""
+    (with its ratio to the full cache). Decode ms/token comes from the decode-speed rows measured at
+    `context` with the smallest batch when there are any (side by side, stop tokens off), else from
+    the query-aware passkey runs at `context`."""
     rows = [r for r in summary if context is None or r["context"] == context]
     by = {(r["method"], r["mode"]): r for r in rows}
     ppl = {r["method"]: r for r in prefix_ppl}
+    sp = [r for r in speed if context is None or r["context"] == context]
+    b_min = min((r["batch"] for r in sp), default=None)
+    sp_ms = {r["method"]: r["decode_ms_per_token"] for r in sp if r["batch"] == b_min}
     labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + list(ppl)))
-    full_ms = (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic")) or {}).get("decode_ms_per_token")
+    full_ms = sp_ms.get("full") or (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic"))
+                                    or {}).get("decode_ms_per_token")
 
     def order(label):
         base, b = split_label(label)
@@ -138,7 +144,7 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
         qa, qg = by.get((label, "query_aware")), by.get((label, "query_agnostic"))
         any_row = qa or qg or {}
         p = ppl.get(label, {})
-        ms = any_row.get("decode_ms_per_token")
+        ms = sp_ms.get(label) if sp_ms else any_row.get("decode_ms_per_token")
         ratio = ms / full_ms if ms and full_ms else None
         lines.append("| " + " | ".join([
             base, budget_text(b),

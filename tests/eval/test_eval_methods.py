@@ -129,3 +129,10 @@ def test_duo_attention_budget_to_retrieval_fraction(tmp_path):
         M.parse_method("duo_attention")
     with pytest.raises(ValueError, match="pattern_file"):
         M.parse_method("duo_attention@0.25")
+
+
+def test_compression_transforms_parse_without_explicit_registration():
+    """`pikv eval --methods h2o@0.25+int4` works out of the box: the compression transforms are
+    registered on first lookup."""
+    m = M.parse_method("h2o@0.25+int4", num_layers=2)
+    assert m.policy.bits == 4 and "int8" in M.available_methods()

@@ -40,6 +40,17 @@ def test_markdown_table():
     assert "n/a" in R.markdown_table(_summary(), context=2048)  # no perplexity rows
 
 
+def test_markdown_table_takes_decode_ms_from_speed_rows_at_the_table_context():
+    speed = [dict(method="full", context=2048, batch=1, decode_ms_per_token=40.0),
+             dict(method="h2o@0.25", context=2048, batch=1, decode_ms_per_token=10.0),
+             dict(method="h2o@0.25", context=2048, batch=4, decode_ms_per_token=99.0),  # larger batch: ignored
+             dict(method="h2o@0.25", context=4096, batch=1, decode_ms_per_token=77.0)]  # other context: ignored
+    lines = R.markdown_table(_summary(), context=2048, speed=speed).splitlines()
+    assert lines[2].startswith("| full |") and lines[2].endswith("| 40.0 | 1.00x |")
+    h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
+    assert h2o.endswith("| 10.0 | 0.25x |")
+
+
 def test_json_is_strict_and_png_written(tmp_path):
     p = R.write_json(str(tmp_path / "sub" / "x.json"), {"a": float("nan"), "b": [1.0, float("inf")], "c": True})
     data = json.loads(open(p).read())
