@@ -59,8 +59,10 @@ def write_json(path: str, payload: dict) -> str:
 
 def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int | None = None,
                            title: str | None = None) -> str | None:
-    """One panel per mode: accuracy (y) against kept KV MiB per sequence (x); one line per policy
-    through its budgets, the full cache as a star. Returns the path (None without rows)."""
+    """One panel per mode: accuracy (y) against the KV cache bytes allocated per sequence, as stored
+    (x: codes, scales and residual for quantized caches, the cache dtype otherwise), so eviction and
+    quantization share one axis; one line per method through its budgets, the full cache as a star.
+    Returns the path (None without rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,11 +74,11 @@ def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int |
     modes = [m for m in ("query_aware", "query_agnostic") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), squeeze=False)
     bases = sorted({split_label(r["method"])[0] for r in rows}, key=lambda b: (b != "full", b))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")
     markers = "osD^vP<>Xh"
     for ax, mode in zip(axes[0], modes):
         for i, base in enumerate(bases):
-            pts = sorted(((r["kept_bytes"] / MiB, r["accuracy"], split_label(r["method"])[1]) for r in rows
+            pts = sorted(((r["cache_bytes"] / MiB, r["accuracy"], split_label(r["method"])[1]) for r in rows
                           if r["mode"] == mode and split_label(r["method"])[0] == base))
             if not pts:
                 continue
@@ -85,11 +87,11 @@ def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int |
                 ax.scatter(x, y, marker="*", s=220, color="black", zorder=5, label="full")
                 ax.axhline(np.mean(y), color="black", lw=0.8, ls=":")
             else:
-                ax.plot(x, y, marker=markers[i % len(markers)], color=cmap(i % 10), alpha=0.8, ms=7,
+                ax.plot(x, y, marker=markers[i % len(markers)], color=cmap(i % 20), alpha=0.8, ms=7,
                         ls="-" if i < 10 else "--", label=base)
                 for xi, yi, bi in zip(x, y, b):
                     ax.annotate(budget_text(bi), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xlabel("kept KV bytes per sequence (MiB, bf16-equivalent)")
+        ax.set_xlabel("KV cache bytes allocated per sequence (MiB, as stored)")
         ax.set_ylabel("passkey accuracy")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlim(left=0)
@@ -97,7 +99,7 @@ def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int |
         ax.set_title(mode.replace("_", "-"))
     axes[0][-1].legend(fontsize=7, loc="best")
     ctx = f" at {context} tokens" if context else ""
-    fig.suptitle(title or f"Passkey accuracy vs kept cache bytes{ctx}")
+    fig.suptitle(title or f"Passkey accuracy vs KV cache bytes{ctx}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
