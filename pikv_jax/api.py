@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -59,7 +60,7 @@ class PiKVModel:
         self.graphdef, self.params = nnx.split(model)
         self.cache_dtype = parse_dtype(cache_dtype) if cache_dtype is not None else model.dtype
         self.policy = policy if policy is not None else CachePolicy()
-        self._compiled: dict = {}
+        self._compiled: collections.OrderedDict = collections.OrderedDict()  # LRU of compiled programs
         self._stats: dict = {}
 
     # ------------------------------------------------------------------ construction
@@ -188,6 +189,7 @@ class PiKVModel:
         sig = (loop, tokens.shape, tuple(cache.capacities()), cache.batch,
                None if suffix is None else suffix.shape)
         if sig in self._compiled:
+            self._compiled.move_to_end(sig)
             return (*self._compiled[sig], 0.0)
         t0 = time.perf_counter()
         args = (self.params, tokens, lengths, cache, key, suffix, suffix_lengths)
@@ -195,8 +197,18 @@ class PiKVModel:
         state_shape = jax.eval_shape(lambda *a: GenerationLoop.prefill(loop, *a), *args)
         decode = GenerationLoop.decode.lower(loop, self.params, state_shape).compile()
         compile_s = time.perf_counter() - t0
-        self._compiled[sig] = (prefill, decode)
+        self._remember(sig, (prefill, decode))
         return prefill, decode, compile_s
+
+    MAX_COMPILED = 32  # programs kept per model; each holds JIT-compiled code (memory maps) until dropped
+
+    def _remember(self, key, value) -> None:
+        """Keeps the `MAX_COMPILED` most recently used compiled programs, so a long-lived model that
+        sees many shapes or policies does not hold every executable forever."""
+        self._compiled[key] = value
+        self._compiled.move_to_end(key)
+        while len(self._compiled) > self.MAX_COMPILED:
+            self._compiled.popitem(last=False)
 
     def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy) -> GenerationOutput:
         n = np.asarray(state.num_generated)
@@ -286,7 +298,9 @@ class PiKVModel:
                 lp0 = jnp.take_along_axis(first, fed[:, :1], axis=-1)
                 return jnp.concatenate([lp0, per_step[:, :-1]], axis=1)
 
-            self._compiled[key] = jax.jit(fn)
+            self._remember(key, jax.jit(fn))
+        else:
+            self._compiled.move_to_end(key)
         return self._compiled[key]
 
     def get_stats(self) -> dict:

@@ -18,6 +18,20 @@ def _reference_path() -> pathlib.Path:
     return pathlib.Path(env) if env else REFERENCE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's compiled-program caches after each test module. One process runs thousands of
+    XLA compiles and each live executable keeps its JIT code mapped; a full run once segfaulted
+    inside the XLA CPU compiler near its end, and releasing programs keeps the process bounded."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def reference():
     path = _reference_path()

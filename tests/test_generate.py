@@ -164,3 +164,18 @@ def test_seeded_sampling_is_reproducible_and_row_independent(tiny_lm, greedy_run
     assert other_seed.token_ids != out_ab.token_ids
     assert out_ab.stats["compile_s"] > 0 and out_ab2.stats["compile_s"] == 0.0
     assert out_ab.token_ids[0] != greedy_run.token_ids[0]  # it did sample
+
+
+def test_compiled_programs_are_a_bounded_lru():
+    """A long-lived model keeps only its MAX_COMPILED most recently used programs."""
+    from pikv_jax.api import PiKVModel
+    from pikv_jax.config import tiny_config
+
+    m = PiKVModel.from_config(tiny_config(), seed=0)
+    m.MAX_COMPILED = 2
+    for n in (2, 3, 4):  # three cache capacities: three programs
+        m.generate([[1, 2, 3]], n, stop_ids=())
+    assert len(m._compiled) == 2
+    first = next(iter(m._compiled))
+    m.generate([[1, 2, 3]], 3, stop_ids=())  # a hit moves its program to the newest end
+    assert next(reversed(m._compiled)) == first
