@@ -100,11 +100,11 @@ def config_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from pikv_jax.eval.methods import parse_methods
+    from pikv_jax.eval.methods import check_methods
     from pikv_jax.eval.runner import run_eval
 
     cfg = config_from_args(args)
-    parse_methods(list(cfg.methods), num_layers=2)  # fail fast on a bad spec, before loading the model
+    check_methods(list(cfg.methods) + list(cfg.speed_methods))  # fail fast on a bad spec, before loading the model
     print(f"[pikv] eval {cfg.model}: tasks {','.join(cfg.tasks)}; methods {', '.join(cfg.methods)}", file=sys.stderr,
           flush=True)
     payload = run_eval(cfg)

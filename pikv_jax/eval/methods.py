@@ -184,14 +184,9 @@ class Method:
         return self.budget is None and self.components == ("full",)
 
 
-def parse_method(spec: str, *, num_layers: int | None = None, context_len: int | None = None,
-                 model=None) -> Method:
-    """Builds the policy named by `spec` (see the module docstring). `num_layers` is needed by
-    policies that spread budgets over depth (PyramidKV); `context_len` and `model` by methods
-    whose policy depends on them (Quest with a ratio, DuoAttention)."""
-    if model is not None and num_layers is None:
-        num_layers = model.config.num_hidden_layers
-    ctx = BuildContext(num_layers=num_layers, context_len=context_len, model=model)
+def _parse_parts(spec: str):
+    """The syntax of a spec, checked without building anything: (parts, budget, policies, transforms)
+    with parts [(builder, options, budget)]."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("method spec is empty; e.g. full, h2o@0.25, snapkv+h2o@0.5, streaming_llm@256t")
     raw = re.sub(r"\s+", "", spec)
@@ -220,6 +215,25 @@ def parse_method(spec: str, *, num_layers: int | None = None, context_len: int |
     for b, _, _ in policies:
         if b.needs_budget and budget is None:
             raise ValueError(f"method {b.name!r} needs a budget, e.g. {b.name}@0.25 or {b.name}@256t")
+    return parts, budget, policies, transforms
+
+
+def check_methods(specs) -> None:
+    """Fails fast on a malformed spec (unknown name, bad option or budget syntax, budgets that do not
+    fit the components) without building policies, which may need the model or the prompt length."""
+    for s in (_split_top(specs) if isinstance(specs, str) else specs):
+        _parse_parts(s)
+
+
+def parse_method(spec: str, *, num_layers: int | None = None, context_len: int | None = None,
+                 model=None) -> Method:
+    """Builds the policy named by `spec` (see the module docstring). `num_layers` is needed by
+    policies that spread budgets over depth (PyramidKV); `context_len` and `model` by methods
+    whose policy depends on them (Quest with a ratio, DuoAttention)."""
+    if model is not None and num_layers is None:
+        num_layers = model.config.num_hidden_layers
+    ctx = BuildContext(num_layers=num_layers, context_len=context_len, model=model)
+    parts, budget, policies, transforms = _parse_parts(spec)
     built = [b.build(budget if b.takes_budget else None, o, ctx) for b, o, _ in policies]
     policy = built[0] if len(built) == 1 else Composite(prefill_policy=built[0], decode_policy=built[1])
     for b, o, _ in transforms:

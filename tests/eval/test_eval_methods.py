@@ -136,3 +136,14 @@ def test_compression_transforms_parse_without_explicit_registration():
     registered on first lookup."""
     m = M.parse_method("h2o@0.25+int4", num_layers=2)
     assert m.policy.bits == 4 and "int8" in M.available_methods()
+
+
+def test_check_methods_validates_syntax_without_building():
+    """`pikv eval` checks specs before loading the model: methods that need the model or the prompt
+    length (svd, quest@0.25, duo_attention@0.25) pass the check; malformed ones fail with the reason."""
+    M.check_methods(["full", "svd(rank=8)", "quest@0.25", "duo_attention@0.25", "h2o@0.25+int4"])
+    M.check_methods("snapkv(obs_window=16)@0.5,h2o@256t")
+    for bad, why in [("nosuch@0.5", "unknown method"), ("h2o", "needs a budget"), ("h2o@0.5+tova@0.25", "budgets"),
+                     ("h2o@1.5", "")]:
+        with pytest.raises(ValueError, match=why):
+            M.check_methods([bad])
