@@ -22,7 +22,7 @@ demo: $(STAMP)
 		--prompt "What is a KV cache in a transformer, in two sentences?"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

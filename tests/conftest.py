@@ -21,8 +21,9 @@ def _reference_path() -> pathlib.Path:
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drops jax's compiled-program caches after each test module. One process runs thousands of
-    XLA compiles and each live executable keeps its JIT code mapped; a full run once segfaulted
-    inside the XLA CPU compiler near its end, and releasing programs keeps the process bounded."""
+    XLA compiles and each live executable keeps its JIT code mapped. A full run once segfaulted
+    inside the XLA CPU compiler near its end (cause not identified); with this, a full run peaked at
+    18k memory maps and 4.2 GB RSS and passed."""
     yield
     import gc
 
