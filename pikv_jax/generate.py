@@ -14,11 +14,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 from jax.experimental import io_callback
 
 from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.cache.state import KVCache, _pytree_dataclass
+from pikv_jax.cache.state import KVCache
 from pikv_jax.models import forward
 from pikv_jax.sampling import SamplingConfig, sample
 
@@ -26,7 +26,7 @@ RUNNING, STOP_TOKEN, MAX_TOKENS, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {RUNNING: "running", STOP_TOKEN: "stop_token", MAX_TOKENS: "max_tokens", CACHE_FULL: "cache_full"}
 
 
-@_pytree_dataclass
+@struct.dataclass
 class DecodeState:
     """Loop carry. tokens: i32[B, N] generated ids (-1 past each row's end)."""
 

@@ -30,7 +30,8 @@ from pikv_jax.api import PiKVModel
 from pikv_jax.bench import machine_info, measure_bandwidth, time_fn, write_json
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
 from pikv_jax.cache.state import LayerCache, tree_nbytes
-from pikv_jax.compress.kivi import QuantizedLayerCache, QuantizedPolicy
+from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.compress.kivi import QuantizedPolicy
 
 READ_FIELDS = {LayerCache: ("k", "v", "pos"),
                QuantizedLayerCache: ("kq", "k_scale", "k_min", "vq", "v_scale", "v_min", "k_res", "v_res", "pos")}

@@ -66,7 +66,7 @@ STUBBED = _stub_missing_optional_deps()
 
 from pikv_jax.attention import reference as ref_attn  # noqa: E402 - after the stubs
 from pikv_jax.bench import machine_info, write_json  # noqa: E402
-from pikv_jax.compress import quant  # noqa: E402
+from pikv_jax.kernels import quant  # noqa: E402
 from pikv_jax.compress.kivi import init_quantized_layer, quantized_attention_reference  # noqa: E402
 from pikv_jax.kernels import common  # noqa: E402
 from pikv_jax.kernels import decode_attention as da  # noqa: E402

@@ -88,7 +88,7 @@ def quest_select_pages(q, page_min, page_max, nonempty, newest, k: int, *, page_
 def quantize_kv(k, v, bits: int, group_size: int, scale_dtype, *, impl=None):
     """KIVI quantize-and-pack of keys (per channel over G tokens) and values (per token over G channels)
     -> (kq, k_scale, k_min, vq, v_scale, v_min), bit-identical on either path."""
-    from pikv_jax.compress import quant
+    from pikv_jax.kernels import quant
     from pikv_jax.kernels import quant_pack as kernel
 
     if _kernel_wanted(impl, "quantize-and-pack",

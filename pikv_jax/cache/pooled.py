@@ -22,20 +22,20 @@ heads of the slot's own head. Empty slots get exactly 0 and never produce NaN.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from pikv_jax.attention import reference
-from pikv_jax.cache.state import EMPTY, _pytree_dataclass, static_field, tree_nbytes
+from pikv_jax.cache.state import EMPTY, SlotCacheBase, static_field
 
 UNASSIGNED = -1  # head value of a slot no head owns yet
 
 
-@_pytree_dataclass
-class PooledLayerCache:
+@struct.dataclass
+class PooledLayerCache(SlotCacheBase):
     """One layer's cache as a pool of P slots per row, each owned by one KV head (see module doc).
 
     num_kv_heads: KV heads sharing the pool (static). segments: static per-head slot ranges
@@ -49,45 +49,12 @@ class PooledLayerCache:
     score: jax.Array
     num_kv_heads: int = static_field()
     segments: tuple[tuple[int, int], ...] | None = static_field(default=None)
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        """P: slots per row, all heads together."""
-        return self.pos.shape[1]
-
-    @property
-    def slots_per_row(self) -> int:
-        return self.pos.shape[1]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k.shape[-1]
-
-    @property
-    def valid(self) -> jax.Array:
-        """bool[B, P]: slot holds a token."""
-        return self.pos >= 0
-
-    def replace(self, **kw) -> "PooledLayerCache":
-        return dataclasses.replace(self, **kw)
-
-    def nbytes(self) -> int:
-        """Bytes of the arrays actually allocated (k, v, pos, head, score, extra)."""
-        return tree_nbytes(self)
+    extra: dict[str, Any] = struct.field(default_factory=dict)
 
     def head_positions(self) -> jax.Array:
         """i32[B, Hkv, P]: pos where the slot belongs to head h, else -1 (layout-independent view)."""
         mine = self.head[:, None, :] == jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, :, None]
         return jnp.where(mine, self.pos[:, None, :], EMPTY)
-
-    def resident_per_head(self) -> jax.Array:
-        """i32[B, Hkv]: tokens resident per row and KV head."""
-        return jnp.sum(self.head_positions() >= 0, axis=-1)
 
     def dense_kv(self, dtype=jnp.float32):
         """Keys and values [B, Hkv, P, D] aligned with `head_positions()` (zeros where a slot belongs

@@ -13,26 +13,19 @@ bfloat16 cache of the same tokens would take, the denominator of every compressi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 EMPTY = -1  # position value of an empty slot
 
 
-def _pytree_dataclass(cls):
-    """Frozen dataclass registered as a pytree; fields marked `static` are part of the treedef."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    data, meta = [], []
-    for f in dataclasses.fields(cls):
-        (meta if f.metadata.get("static") else data).append(f.name)
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
-
-
 def static_field(**kw):
-    return dataclasses.field(metadata={"static": True}, **kw)
+    """A dataclass field that is part of the treedef (static under jit), not an array leaf."""
+    return struct.field(pytree_node=False, **kw)
 
 
 def tree_nbytes(tree) -> int:
@@ -41,8 +34,62 @@ def tree_nbytes(tree) -> int:
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
-@_pytree_dataclass
-class LayerCache:
+class SlotCacheBase:
+    """What every per-layer cache layout derives from its `pos` array (i32[B, Hkv, C] per head, or
+    i32[B, P] for a pooled layout) and its stored values, declared once.
+
+    A layout names the array whose last axis is the head dimension in `head_dim_field`.
+    """
+
+    head_dim_field: ClassVar[str] = "k"
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Slots per (row, KV head), or per row for a pooled layout."""
+        return self.pos.shape[-1]
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self, self.head_dim_field).shape[-1]
+
+    @property
+    def valid(self) -> jax.Array:
+        """bool, shape of `pos`: slot holds a token."""
+        return self.pos >= 0
+
+    @property
+    def slots_per_row(self) -> int:
+        """Token slots allocated per row, all KV heads together."""
+        return int(np.prod(self.pos.shape[1:]))
+
+    def nbytes(self) -> int:
+        """Bytes of every array the layout allocates (values or codes, scales, positions, scores, state)."""
+        return tree_nbytes(self)
+
+    def head_positions(self) -> jax.Array:
+        """i32[B, Hkv, C]: resident positions per KV head (-1 = none); the layout-independent view
+        that statistics and invariant tests use."""
+        return self.pos
+
+    def resident_per_head(self) -> jax.Array:
+        """i32[B, Hkv]: tokens resident per row and KV head."""
+        return jnp.sum(self.head_positions() >= 0, axis=-1)
+
+
+class PerHeadSlotCache(SlotCacheBase):
+    """A layout with its own C slots per (row, KV head): `pos` is i32[B, Hkv, C]."""
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.pos.shape[1]
+
+
+@struct.dataclass
+class LayerCache(PerHeadSlotCache):
     """One layer's cache.
 
     k, v:   [B, Hkv, C, D]   keys after RoPE, values
@@ -55,51 +102,10 @@ class LayerCache:
     v: jax.Array
     pos: jax.Array
     score: jax.Array
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.pos.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.pos.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k.shape[-1]
-
-    @property
-    def valid(self) -> jax.Array:
-        """bool[B, Hkv, C]: slot holds a token."""
-        return self.pos >= 0
-
-    def replace(self, **kw) -> "LayerCache":
-        return dataclasses.replace(self, **kw)
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
-    def head_positions(self) -> jax.Array:
-        """i32[B, Hkv, C]: resident positions per KV head (-1 = none); the layout-independent view
-        that statistics and invariant tests use (other cache layouts implement the same method)."""
-        return self.pos
-
-    @property
-    def slots_per_row(self) -> int:
-        """Token slots allocated per row, all KV heads together."""
-        return self.num_kv_heads * self.capacity
-
-    def resident_per_head(self) -> jax.Array:
-        """i32[B, Hkv]: tokens resident per row and KV head."""
-        return jnp.sum(self.head_positions() >= 0, axis=-1)
+    extra: dict[str, Any] = struct.field(default_factory=dict)
 
 
-@_pytree_dataclass
+@struct.dataclass
 class KVCache:
     """All layers' caches plus the per-row count of tokens seen (= position of the next token).
 
@@ -112,9 +118,6 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.length.shape[0]
-
-    def replace(self, **kw) -> "KVCache":
-        return dataclasses.replace(self, **kw)
 
     def nbytes(self) -> int:
         """Bytes actually allocated: keys, values (or codes and scales), positions, scores, policy state."""

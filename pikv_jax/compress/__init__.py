@@ -6,7 +6,8 @@ from pikv_jax.compress.base import CompressedKV, CompressionStats, KVCompressor
 from pikv_jax.compress.chunkkv import ChunkKVCompressor, ChunkKVPolicy
 from pikv_jax.compress.factory import CompressorChain, compressor_from_spec, create_compressor, parse_compress_spec
 from pikv_jax.compress.fastv import FastVCompressor, FastVPolicy
-from pikv_jax.compress.kivi import QuantizedLayerCache, QuantizedPolicy
+from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.compress.kivi import QuantizedPolicy
 from pikv_jax.compress.lora import LoRACompressor
 from pikv_jax.compress.lowrank import LowRankBases, LowRankKV, LowRankLayerCache, LowRankPolicy
 from pikv_jax.compress.svd import SVDCompressor

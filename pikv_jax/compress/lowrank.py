@@ -29,10 +29,11 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
-from pikv_jax.cache.state import EMPTY, LayerCache, _pytree_dataclass, init_layer_cache, tree_nbytes
+from pikv_jax.cache.state import EMPTY, LayerCache, PerHeadSlotCache, init_layer_cache, tree_nbytes
 from pikv_jax.compress.base import CompressedKV
 
 # inner policies whose decode hooks need full-precision keys or another layout
@@ -159,7 +160,7 @@ def decode(codes, dec):
 # ---------------------------------------------------------------------------------------------- standalone
 
 
-@_pytree_dataclass
+@struct.dataclass
 class LowRankKV(CompressedKV):
     """Standalone low-rank K/V: codes ck [B, Hkv, S, r_k], cv [B, Hkv, S, r_v] and the decoders
     dec_k [Hkv, r_k, D], dec_v [Hkv, r_v, D] needed to read them (counted in the stored bytes)."""
@@ -183,8 +184,8 @@ class LowRankKV(CompressedKV):
 # ---------------------------------------------------------------------------------------------- cache
 
 
-@_pytree_dataclass
-class LowRankLayerCache:
+@struct.dataclass
+class LowRankLayerCache(PerHeadSlotCache):
     """ck: [B, Hkv, C, r_k], cv: [B, Hkv, C, r_v] codes; pos i32[B, Hkv, C] (-1 empty); score
     f32[B, Hkv, C]; enc_k [Hkv, D, r_k], dec_k [Hkv, r_k, D], enc_v [Hkv, D, r_v], dec_v
     [Hkv, r_v, D]: this layer's bases (metadata); extra: policy state."""
@@ -197,23 +198,9 @@ class LowRankLayerCache:
     dec_k: jax.Array
     enc_v: jax.Array
     dec_v: jax.Array
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = struct.field(default_factory=dict)
 
-    @property
-    def batch(self) -> int:
-        return self.pos.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.pos.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.pos.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.dec_k.shape[-1]
+    head_dim_field: ClassVar[str] = "dec_k"
 
     @property
     def rank_k(self) -> int:
@@ -223,28 +210,8 @@ class LowRankLayerCache:
     def rank_v(self) -> int:
         return self.cv.shape[-1]
 
-    @property
-    def slots_per_row(self) -> int:
-        return self.num_kv_heads * self.capacity
-
-    @property
-    def valid(self):
-        return self.pos >= 0
-
-    def replace(self, **kw) -> "LowRankLayerCache":
-        return dataclasses.replace(self, **kw)
-
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
     def metadata_bytes(self) -> int:
         return tree_nbytes((self.enc_k, self.dec_k, self.enc_v, self.dec_v))
-
-    def head_positions(self):
-        return self.pos
-
-    def resident_per_head(self):
-        return jnp.sum(self.pos >= 0, axis=-1)
 
     def dense_kv(self, dtype=jnp.float32):
         """Reconstructed keys and values [B, Hkv, C, D] aligned with `pos` (zeros in empty slots)."""

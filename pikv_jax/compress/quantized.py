@@ -7,15 +7,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from pikv_jax.attention import reference
-from pikv_jax.cache.state import _pytree_dataclass, static_field
-from pikv_jax.compress import quant
+from pikv_jax.cache.state import static_field
+from pikv_jax.kernels import quant
 from pikv_jax.compress.base import CompressedKV, KVCompressor
 from pikv_jax.compress.kivi import QuantizedPolicy
 
 
-@_pytree_dataclass
+@struct.dataclass
 class QuantizedKV(CompressedKV):
     """The oldest Sq tokens quantized (Sq a multiple of G), the newest S - Sq in full precision.
 

@@ -19,11 +19,12 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from pikv_jax.attention import reference
 from pikv_jax.cache import ops
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
-from pikv_jax.cache.state import LayerCache, _pytree_dataclass, static_field
+from pikv_jax.cache.state import LayerCache, static_field
 from pikv_jax.compress.base import CompressedKV
 from pikv_jax.compress.lowrank import check_inner, decode_owner
 
@@ -140,7 +141,7 @@ def mask_to_indices(keep, budget: int):
 # ---------------------------------------------------------------------------------------------- standalone
 
 
-@_pytree_dataclass
+@struct.dataclass
 class SelectedKV(CompressedKV):
     """k, v: [B, Hkv, K, D] kept tokens; pos: i32[B, Hkv, K] their positions (-1 = unused slot);
     length: tokens of the original sequence."""

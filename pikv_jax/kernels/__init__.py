@@ -6,7 +6,7 @@
 - quantized_attention.py: the same over a KIVI cache, dequantization fused into the block loads,
   the full-precision ring merged by log-sum-exp.
 - quest.py: Quest page upper bounds + top-k page selection; TPU attention over selected pages.
-- quant_pack.py: KIVI quantize-and-pack of new tokens (bit-identical to compress/quant.py).
+- quant_pack.py: KIVI quantize-and-pack of new tokens (bit-identical to kernels/quant.py).
 - window_scores.py: SnapKV window scoring; no kernel (it does not pay), the docstring says why.
 - common.py: impl = "xla" | "pallas" | "auto" (`set_attention_impl`, $PIKV_ATTENTION_IMPL),
   backend / interpret selection, jax-version shims, logged fallbacks.

@@ -1,7 +1,7 @@
 """Quantize-and-pack of new tokens into a KIVI cache: keys per channel over groups of G tokens,
 values per token over groups of G channels, in one kernel over the same tokens.
 
-Reference: `pikv_jax.compress.quant.quantize_keys` / `quantize_values` (`reference` below calls
+Reference: `pikv_jax.kernels.quant.quantize_keys` / `quantize_values` (`reference` below calls
 both). The kernel reproduces them bit for bit on CPU (interpret mode): min and max rounded down /
 up to the stored scale dtype (nextafter done on the bit pattern), codes from the stored scale and
 minimum, round half to even, clip, then packing. On a GPU the f32 division may be approximate in
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pikv_jax.compress import quant
+from pikv_jax.kernels import quant
 from pikv_jax.kernels import common
 
 

@@ -18,13 +18,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-
-def _register(cls):
-    """Frozen dataclass registered as a pytree (all fields are array data)."""
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                            meta_fields=[])
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -42,7 +37,7 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return int(max(1, min(max(cap, min_capacity), num_tokens)))
 
 
-@_register
+@struct.dataclass
 class CapacityDispatch:
     """Capacity layout of one routing decision.
 
@@ -114,7 +109,7 @@ def gather_from_slots(y_slots, slots, weights):
     return jnp.einsum("tkh,tk->th", picked.astype(jnp.float32), weights.astype(jnp.float32))
 
 
-@_register
+@struct.dataclass
 class SortedDispatch:
     """Dropless layout: the T*K assignments sorted by expert.
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import flax.errors
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from pikv_jax.moe import losses
 from pikv_jax.moe.dispatch import (capacity_positions, gather_from_slots, scatter_to_slots, slot_indices,
@@ -42,13 +42,8 @@ class MoEStats(nnx.Variable):
     """Routing statistics of the last call (dict of arrays; None before the first call). Not learned."""
 
 
-def _register(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                            meta_fields=[])
 
-
-@_register
+@struct.dataclass
 class MoEAux:
     """loss: f32[] total auxiliary loss (router + distillation); stats: dict name -> array."""
 

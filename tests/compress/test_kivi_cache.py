@@ -12,7 +12,8 @@ import pytest
 from compress_helpers import random_prompts, run_trace, tiny_model, true_kv
 from pikv_jax.cache.policies import H2O, CachePolicy
 from pikv_jax.cache.policies.base import init_policy_cache
-from pikv_jax.compress.kivi import QuantizedLayerCache, QuantizedPolicy
+from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.compress.kivi import QuantizedPolicy
 
 G, R, STEPS = 8, 16, 40
 LENGTHS = (30, 45)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pikv_jax.compress import quant
+from pikv_jax.kernels import quant
 from pikv_jax.compress.quantized import QuantizedCompressor
 
 

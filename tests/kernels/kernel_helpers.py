@@ -62,8 +62,8 @@ def quantized_cache(seed: int, b: int, hk: int, capacity: int, d: int, dtype, *,
     """A KIVI layer cache filled from random normal keys / values quantized with the real
     quantizer (so scales are realistic), ragged positions in the quantized region, a partly filled
     ring, and per-head empty groups."""
-    from pikv_jax.compress import quant
-    from pikv_jax.compress.kivi import init_quantized_layer
+    from pikv_jax.kernels import quant
+    from pikv_jax.cache.quantized import init_quantized_layer
 
     cache = init_quantized_layer(b, hk, capacity, d, dtype, bits=bits, group_size=group, residual_length=ring,
                                  scale_dtype=jnp.float16)

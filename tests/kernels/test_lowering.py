@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pikv_jax.compress.kivi import init_quantized_layer
+from pikv_jax.cache.quantized import init_quantized_layer
 from pikv_jax.kernels import decode_attention as da
 from pikv_jax.kernels import quant_pack as qp
 from pikv_jax.kernels import quantized_attention as qa

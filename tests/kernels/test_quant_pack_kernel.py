@@ -1,4 +1,4 @@
-"""Quantize-and-pack kernel: bit-identical to compress/quant.py for 2 / 4 / 8 bits, float16 /
+"""Quantize-and-pack kernel: bit-identical to kernels/quant.py for 2 / 4 / 8 bits, float16 /
 bfloat16 / float32 scales, constant groups (zero range) and partial blocks of groups; the bit-level
 nextafter it uses matches jnp.nextafter on every special value."""
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from pikv_jax.moe import losses
 from pikv_jax.moe.dispatch import CapacityDispatch, capacity_dispatch, expert_capacity
@@ -43,13 +43,8 @@ class RouterState(nnx.Variable):
     """Non-learned router state updated while routing (e.g. EPLB's per-expert bias)."""
 
 
-def _register(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                            meta_fields=[])
 
-
-@_register
+@struct.dataclass
 class Routing:
     """One routing decision over T flattened tokens.
 
