@@ -3,7 +3,7 @@
 from pikv_jax.api import GenerationOutput, PiKVModel
 from pikv_jax.cache.policies.base import CachePolicy, FullCache
 from pikv_jax.cache.state import KVCache, LayerCache, init_cache
-from pikv_jax.cache.manager import (CacheSchedulingManager, DuoAttentionScheduler, H2OScheduler, LRUScheduler,
+from pikv_jax.scheduling import (CacheSchedulingManager, DuoAttentionScheduler, H2OScheduler, LRUScheduler,
                                     QUESTScheduler, SchedulingPolicy, StreamingLLMScheduler)
 from pikv_jax.cache.policies import make_policy
 from pikv_jax.config import ModelConfig, RopeScaling, preset

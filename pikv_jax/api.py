@@ -21,10 +21,14 @@ from flax import nnx
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
-from pikv_jax.generate import FINISH_REASONS, GenerationLoop, pad_prompts
+from pikv_jax.runtime import capture
+from pikv_jax.runtime.generate import FINISH_REASONS, GenerationLoop, pad_prompts
 from pikv_jax.models.llama import CausalLM
 from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.sampling import SamplingConfig
+from pikv_jax.models.registry import load_pretrained
+from pikv_jax.models.weights import random_model
+from pikv_jax.runtime import forward
 
 log = logging.getLogger("pikv_jax")
 
@@ -69,15 +73,11 @@ class PiKVModel:
     def from_pretrained(cls, name_or_path: str = "smollm2", *, dtype="float32", cache_dtype=None,
                         policy: CachePolicy | None = None, seed: int = 0, progress=None) -> "PiKVModel":
         """Bundled name ("smollm2"), GGUF file, Hugging Face folder, or "random:<preset>"."""
-        from pikv_jax.models.registry import load_pretrained
-
         model, tok, cfg = load_pretrained(name_or_path, dtype=parse_dtype(dtype), seed=seed, progress=progress)
         return cls(model, tok, cfg, cache_dtype=cache_dtype, policy=policy, name=name_or_path)
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, seed: int = 0, dtype="float32", **kw) -> "PiKVModel":
-        from pikv_jax.models.weights import random_model
-
         return cls(random_model(config, seed=seed, dtype=parse_dtype(dtype)), None, config, **kw)
 
     # ------------------------------------------------------------------ prompts
@@ -279,11 +279,14 @@ class PiKVModel:
                  jnp.asarray(tgt), jnp.asarray([len(c) for c in conts], jnp.int32))
         return np.asarray(out), np.array([len(c) for c in conts], np.int32)
 
+    def capture_qkv(self, prompts=None, *, max_tokens: int = 512):
+        """Every layer's post-RoPE queries, keys and values of a prefill over `prompts` (token id
+        lists; default: the calibration text): what SVD / LoRA / PiKVCompressor calibrate on."""
+        return capture.capture_qkv(self, prompts, max_tokens=max_tokens)
+
     def _teacher_forced_fn(self, policy: CachePolicy, full_logprobs: bool):
         key = ("teacher_forced", policy, full_logprobs)
         if key not in self._compiled:
-            from pikv_jax.models import forward
-
             graphdef = self.graphdef
 
             def fn(params, tokens, lengths, cache, fed, tgt, cont_lengths):

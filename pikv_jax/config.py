@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+from pikv_jax.moe.routers import ROUTER_KINDS
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
 MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")  # decoders whose MLP is a sparse MoE
@@ -104,7 +105,6 @@ class ModelConfig:
                              f"{self.shared_expert_intermediate_size}")
         if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
             raise ValueError(f"moe_capacity_factor must be > 0 or None (dropless), got {self.moe_capacity_factor}")
-        from pikv_jax.moe.routers import ROUTER_KINDS  # lazy: only MoE configs need the router family
 
         if self.moe_router not in ROUTER_KINDS:
             raise ValueError(f"moe_router={self.moe_router!r} is not a router kind; allowed: {sorted(ROUTER_KINDS)}")

@@ -58,7 +58,7 @@ def kv_bytes_read(cache) -> int:
 def prefilled(model: PiKVModel, policy, prompt, new_tokens: int):
     """(decode executable, params, prefilled state) for timing decode alone. Reuses the executables
     `generate` compiled for the same loop and shapes (PiKVModel._compile caches them)."""
-    from pikv_jax.generate import GenerationLoop, pad_prompts
+    from pikv_jax.runtime.generate import GenerationLoop, pad_prompts
     from pikv_jax.sampling import SamplingConfig
 
     cfg = model.config

@@ -56,7 +56,7 @@ def _kl_generation_path(base, policies: dict, heldout: list[dict], prefix: int) 
 
 
 def stage_lora(args, overrides) -> dict:
-    from pikv_jax.compress.lowrank import SVDCompressor
+    from pikv_jax.compress.svd import SVDCompressor
     from pikv_jax.train.config import load_config
     from pikv_jax.train.lora import load_compressor
     from pikv_jax.train.task import build_task
@@ -93,7 +93,7 @@ def stage_lora(args, overrides) -> dict:
 
 
 def stage_duo(args, overrides) -> dict:
-    from pikv_jax.cache.policies import duo_calibration as dc
+    from pikv_jax.calibrate import duo as dc
     from pikv_jax.train.config import load_config
     from pikv_jax.train.duo import passkey_comparison, random_patterns
     from pikv_jax.train.task import build_task

@@ -21,7 +21,7 @@ from pikv_jax.cache.policies import make_policy
 from pikv_jax.cache.state import init_cache
 from pikv_jax.eval import passkey as pk
 from pikv_jax.eval.methods import _parse_options
-from pikv_jax.models.forward import prefill
+from pikv_jax.runtime.forward import prefill
 
 
 def digit_positions(codec, case) -> list[int]:

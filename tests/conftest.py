@@ -71,7 +71,7 @@ def _stepwise_impl(graphdef, n_steps, params, tokens, lengths, cache):
     from flax import nnx
 
     from pikv_jax.cache.policies.base import CachePolicy
-    from pikv_jax.models import forward
+    from pikv_jax.runtime import forward
 
     model = nnx.merge(graphdef, params)
     policy = CachePolicy()
@@ -92,7 +92,7 @@ def _stepwise_impl(graphdef, n_steps, params, tokens, lengths, cache):
 def _full_impl(graphdef, params, tokens, lengths):
     from flax import nnx
 
-    from pikv_jax.models import forward
+    from pikv_jax.runtime import forward
 
     return forward.forward_full(nnx.merge(graphdef, params), tokens, lengths)
 

@@ -17,8 +17,8 @@ from flax import nnx
 
 import numpy_reference
 from pikv_jax.config import RopeScaling, tiny_config
-from pikv_jax.models import forward
-from pikv_jax.models.llama import rope_inv_freq
+from pikv_jax.runtime import forward
+from pikv_jax.attention.rope import rope_inv_freq
 from pikv_jax.models.weights import build_model
 
 LENGTHS = (13, 9)

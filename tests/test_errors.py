@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from pikv_jax.api import PiKVModel
-from pikv_jax.generate import GenerationLoop
+from pikv_jax.runtime.generate import GenerationLoop
 from pikv_jax.models.gguf_loader import load_gguf
 from pikv_jax.models.registry import bundled_model_path
 from pikv_jax.models.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ import pytest
 
 from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.cache.state import init_cache
-from pikv_jax.generate import GenerationLoop, pad_prompts
+from pikv_jax.runtime.generate import GenerationLoop, pad_prompts
 from pikv_jax.sampling import SamplingConfig
 
 N = 8

@@ -15,7 +15,7 @@ from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.cache.state import init_cache
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 
 pytestmark = pytest.mark.slow
 

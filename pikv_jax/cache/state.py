@@ -12,7 +12,6 @@ bfloat16 cache of the same tokens would take, the denominator of every compressi
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import jax

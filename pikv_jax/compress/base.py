@@ -25,6 +25,22 @@ import numpy as np
 from pikv_jax.cache.state import tree_nbytes
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerQKV:
+    """One layer's prompt tensors (numpy): q [B, S, H, D], k, v [B, Hkv, S, D] (keys after RoPE),
+    pos i32[B, S] (-1 = padding)."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    pos: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.pos >= 0
+
+
+
 def as_cache_layout(keys, values):
     """-> (keys, values as [B, Hkv, S, D], restore function back to the caller's layout)."""
     keys, values = jnp.asarray(keys), jnp.asarray(values)

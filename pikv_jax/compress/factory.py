@@ -21,139 +21,32 @@ compressor whose `as_policy(inner=policy)` wraps the eviction policy given by --
 
 from __future__ import annotations
 
-import inspect
 import re
 
+from pikv_jax.compress import spec as single
 from pikv_jax.compress.base import KVCompressor
-from pikv_jax.compress.chunkkv import ChunkKVCompressor
-from pikv_jax.compress.fastv import FastVCompressor
 from pikv_jax.compress.lora import LoRACompressor
-from pikv_jax.compress.svd import SVDCompressor
 from pikv_jax.compress.pikv import PiKVCompressor
 from pikv_jax.compress.pyramid import PyramidCompressor
-from pikv_jax.compress.quantized import QuantizedCompressor
+from pikv_jax.compress.spec import SELECTORS, spec_number
+from pikv_jax.compress.svd import SVDCompressor
 
-COMPRESSORS = {"int8": QuantizedCompressor, "int4": QuantizedCompressor, "int2": QuantizedCompressor,
-               "quantized": QuantizedCompressor, "svd": SVDCompressor, "lora": LoRACompressor,
-               "fastv": FastVCompressor, "chunkkv": ChunkKVCompressor, "pyramid": PyramidCompressor,
-               "pikv": PiKVCompressor}
-SELECTORS = (FastVCompressor, ChunkKVCompressor, PyramidCompressor)
-
-
-def _key(name: str) -> str:
-    key = str(name).strip().lower().replace("-", "_")
-    if key not in COMPRESSORS:
-        raise ValueError(f"unknown compressor {name!r}; allowed: {sorted(COMPRESSORS)}")
-    return key
+COMPRESSORS = {**single.COMPRESSORS, "pikv": PiKVCompressor}
 
 
 def create_compressor(name: str, hidden_size: int | None = None, **kwargs) -> KVCompressor:
-    """A compressor by name (PiKV seed's `create_compressor(type, hidden_size, **kw)`); options not
-    accepted by that compressor raise, naming the allowed ones."""
-    key = _key(name)
-    cls = COMPRESSORS[key]
-    if key in ("int8", "int4", "int2"):
-        bits = int(key[3:])
-        if kwargs.get("bits", bits) != bits:
-            raise ValueError(f"{key} means bits={bits}; got bits={kwargs['bits']}")
-        kwargs["bits"] = bits
-    params = inspect.signature(cls.__init__).parameters
-    allowed = sorted(p for p in params if p not in ("self", "rngs"))
-    unknown = sorted(set(kwargs) - set(params))
-    if unknown:
-        raise ValueError(f"compressor {key!r} does not take {unknown}; allowed options: {allowed}")
-    if "hidden_size" in params:
-        if key == "lora" and hidden_size is None and "hidden_size" not in kwargs:
-            raise ValueError("lora needs hidden_size (Hkv * head_dim, or the seed's hidden size)")
-        if hidden_size is not None:
-            kwargs["hidden_size"] = hidden_size
-    return cls(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------- specs
-
-
-def _num(text: str, what: str, kind=float):
-    t = text.strip()
-    try:
-        if t.endswith("%") and kind is float:
-            return float(t[:-1]) / 100.0
-        return kind(t)
-    except ValueError:
-        raise ValueError(f"{what} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    """A compressor by name (PiKV seed's `create_compressor(type, hidden_size, **kw)`), PiKVCompressor
+    included; options not accepted by that compressor raise, naming the allowed ones."""
+    return single.create_compressor(name, hidden_size, registry=COMPRESSORS, **kwargs)
 
 
 def compressor_from_spec(spec: str, *, hidden_size: int | None = None, model=None, default_ratio: float | None = None):
     """One spec component (no "+") -> an uncalibrated compressor."""
     spec = str(spec).strip()
     head = re.split("[:@]", spec)[0]
-    if _key(head) == "pikv":
+    if single.registry_key(head, COMPRESSORS) == "pikv":
         return _pikv_from_spec(spec[len(head):].lstrip(":"), hidden_size, model, default_ratio)
-    parts = [p.strip() for p in spec.split(":")]
-    key, args = _key(parts[0]), parts[1:]
-    cfg = getattr(model, "config", None)
-
-    def arity(n):
-        if len(args) > n:
-            raise ValueError(f"{key} takes at most {n} ':' arguments, got {spec!r}")
-
-    if key in ("int8", "int4", "int2", "quantized"):
-        arity(2)
-        kw = {}
-        if args:
-            kw["group_size"] = _num(args[0], f"{key} group size", int)
-        if len(args) > 1:
-            kw["residual_length"] = _num(args[1], f"{key} residual length", int)
-        c = create_compressor(key if key != "quantized" else "int4", **kw)
-        if cfg is not None:
-            c.as_policy().check_head_dim(cfg.dim_per_head)
-        return c
-    if key == "svd":
-        arity(1)
-        if not args:
-            return SVDCompressor()
-        if "." in args[0]:
-            return SVDCompressor(energy_threshold=_num(args[0], "svd energy threshold"))
-        return SVDCompressor(rank=_num(args[0], "svd rank", int))
-    if key == "lora":
-        arity(1)
-        rank = _num(args[0], "lora rank", int) if args else 16
-        if cfg is not None:
-            return LoRACompressor.for_model(cfg, rank=rank)
-        if hidden_size is None:
-            raise ValueError("lora needs a model (or hidden_size) to shape its projections")
-        return LoRACompressor(hidden_size, rank=rank)
-    if key == "fastv":
-        arity(2)
-        kw = {}
-        if args:
-            kw["layer"] = _num(args[0], "fastv layer K", int)
-        if len(args) > 1:
-            kw["drop_ratio"] = _num(args[1], "fastv drop ratio")
-        return FastVCompressor(**kw)
-    if key == "chunkkv":
-        arity(2)
-        kw = {}
-        if args and args[0]:
-            kw["compression_ratio"] = _num(args[0], "chunkkv ratio")
-        elif default_ratio is not None:
-            kw["compression_ratio"] = default_ratio
-        if len(args) > 1:
-            kw["chunk_size"] = _num(args[1], "chunkkv chunk size", int)
-        return ChunkKVCompressor(**kw)
-    if key == "pyramid":
-        arity(3)
-        kw = {"num_layers": cfg.num_hidden_layers if cfg is not None else None}
-        if args and args[0]:
-            kw["compression_ratio"] = _num(args[0], "pyramid ratio")
-        elif default_ratio is not None:
-            kw["compression_ratio"] = default_ratio
-        if len(args) > 1:
-            kw["num_levels"] = _num(args[1], "pyramid levels", int)
-        if len(args) > 2:
-            kw["decay_factor"] = _num(args[2], "pyramid decay factor")
-        return PyramidCompressor(hidden_size, **kw)
-    raise AssertionError(key)
+    return single.compressor_from_spec(spec, hidden_size=hidden_size, model=model, default_ratio=default_ratio)
 
 
 def _pikv_from_spec(rest: str, hidden_size, model, default_ratio):
@@ -161,7 +54,7 @@ def _pikv_from_spec(rest: str, hidden_size, model, default_ratio):
     cfg = getattr(model, "config", None)
     rest, _, thr = rest.partition("@")
     methods = [m.strip() for m in rest.split(",") if m.strip()] or ["int8", "int4"]
-    threshold = _num(thr, "pikv importance threshold") if thr.strip() else 0.5
+    threshold = spec_number(thr, "pikv importance threshold") if thr.strip() else 0.5
     if any(m.split(":")[0].lower() == "pikv" for m in methods):
         raise ValueError("pikv cannot contain pikv")
     if model is not None:

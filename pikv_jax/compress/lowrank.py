@@ -346,12 +346,3 @@ class LowRankPolicy(CachePolicy):
     def observe(self, layer, cache, mass, q_pos, active):
         return self.inner.observe(layer, cache, mass, q_pos, active)
 
-
-def __getattr__(name):
-    """`from pikv_jax.compress.lowrank import SVDCompressor` keeps working (the SVD fit lives in svd.py,
-    which imports this module)."""
-    if name in ("SVDCompressor", "fit_bases", "calibration_layers", "energy_rank"):
-        from pikv_jax.compress import svd
-
-        return getattr(svd, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

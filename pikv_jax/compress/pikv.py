@@ -21,6 +21,7 @@ gentlest method, else the most aggressive; no importance = the gentlest.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import ClassVar
 
 import jax
@@ -29,7 +30,12 @@ import numpy as np
 
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
+from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
 from pikv_jax.compress.base import KVCompressor, as_cache_layout, check_finite
+from pikv_jax.compress.lora import LoRACompressor
+from pikv_jax.compress.pyramid import PyramidCompressor
+from pikv_jax.compress.spec import compressor_from_spec
+from pikv_jax.compress.svd import SVDCompressor
 from pikv_jax.compress.selection import proxy_importance, share_all
 
 
@@ -160,8 +166,6 @@ class PiKVCompressor(KVCompressor):
     def __init__(self, hidden_size: int | None = None, compression_methods=("lora", "pyramid"),
                  importance_threshold: float = 0.5, adaptive_selection: bool = True, *, num_layers: int | None = None):
         super().__init__()
-        from pikv_jax.compress.factory import compressor_from_spec
-
         methods = list(compression_methods)
         if not methods:
             raise ValueError("compression_methods is empty: give at least one method")
@@ -184,19 +188,14 @@ class PiKVCompressor(KVCompressor):
     # ------------------------------------------------------------------ calibration
 
     def calibrate(self, model, prompts=None, *, max_tokens: int = 256, cuts: int = 4) -> "PiKVCompressor":
-        """Calibrates sub-methods that learn from data (SVD, LoRA) and measures per-layer importance."""
-        from pikv_jax.compress.calibration import capture_qkv
-        from pikv_jax.compress.lora import LoRACompressor
-        from pikv_jax.compress.svd import SVDCompressor
-
+        """Calibrates sub-methods that learn from data (SVD, LoRA) and measures per-layer importance.
+        `model`: anything with `config` and `capture_qkv(prompts, max_tokens=)`, such as PiKVModel."""
         cfg = model.config
-        layers = capture_qkv(model, prompts, max_tokens=max_tokens)
+        layers = model.capture_qkv(prompts, max_tokens=max_tokens)
         self.num_layers = len(layers)
         ks, vs = [x.k for x in layers], [x.v for x in layers]
         for i, c in enumerate(self.compressors):
             if c is None:
-                from pikv_jax.compress.factory import compressor_from_spec
-
                 c = self.compressors[i] = compressor_from_spec(self._specs[i], model=model)
             if isinstance(c, LoRACompressor) and (c.num_layers, c.num_kv_heads, c.head_dim) != (
                     cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.dim_per_head):
@@ -242,8 +241,6 @@ class PiKVCompressor(KVCompressor):
         return list(self.layer_methods)
 
     def as_policy(self, inner=None, *, num_layers: int | None = None) -> PerLayerPolicy:
-        from pikv_jax.compress.pyramid import PyramidCompressor
-
         inner = inner if inner is not None else CachePolicy()
         names = self.assignment(num_layers)
         built = {}
@@ -291,8 +288,6 @@ class PiKVCompressor(KVCompressor):
                     inner=None) -> dict:
         """Bytes each layer's cache allocates (from the real array shapes, via eval_shape) for a
         prompt of `prompt_len` and `max_new_tokens`, summed per method, against a full bf16 cache."""
-        from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
-
         policy = self.as_policy(inner, num_layers=config.num_hidden_layers)
         per_layer = []
         for l in range(config.num_hidden_layers):
@@ -323,6 +318,4 @@ def _is_lora(spec: str) -> bool:
 
 
 def _takes_layer(c) -> bool:
-    import inspect
-
     return "layer" in inspect.signature(c.compress).parameters

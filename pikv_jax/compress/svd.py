@@ -72,12 +72,11 @@ def fit_bases(layers, *, rank: int | None = None, energy: float | None = None, p
 
 
 def calibration_layers(source, values=None, *, prompts=None, max_tokens: int = 512):
-    """(k, v, valid) per layer from a PiKVModel (its prefill on the calibration text or `prompts`),
-    or from given keys/values: one [B, Hkv, S, D] array (one layer) or a sequence per layer."""
-    if hasattr(source, "graphdef"):
-        from pikv_jax.compress.calibration import capture_qkv
-
-        return [(x.k, x.v, x.valid) for x in capture_qkv(source, prompts, max_tokens=max_tokens)]
+    """(k, v, valid) per layer from a model (anything with `capture_qkv(prompts, max_tokens=)`, such
+    as PiKVModel: its prefill on the calibration text or `prompts`), or from given keys/values: one
+    [B, Hkv, S, D] array (one layer) or a sequence per layer."""
+    if hasattr(source, "capture_qkv"):
+        return [(x.k, x.v, x.valid) for x in source.capture_qkv(prompts, max_tokens=max_tokens)]
     if values is None:
         raise ValueError("calibrate(keys, values): values are missing (or pass a PiKVModel)")
     if hasattr(source, "ndim") and np.ndim(source) == 4:

@@ -7,6 +7,7 @@ fidelity against the full cache, and decode speed; JSON + PNG + markdown reports
 Modules: methods (spec strings -> policies), passkey, perplexity, fidelity, report, runner, cli.
 """
 
+from pikv_jax.eval import compress_methods  # noqa: F401 - registers the compression transforms
 from pikv_jax.eval.fidelity import kl_divergence, logit_fidelity, top1_agreement
 from pikv_jax.eval.methods import Method, parse_method, parse_methods, register_method
 from pikv_jax.eval.passkey import PasskeyCase, build_case, build_cases, run_passkey, score_answer

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pikv_jax.eval.methods import _split_top
+from pikv_jax.eval.runner import EvalConfig, smoke_config
+from pikv_jax.eval.methods import check_methods
+from pikv_jax.eval.runner import run_eval
 
 
 def _ints(text: str) -> list[int]:
@@ -80,9 +84,6 @@ _FIELDS = {"model": "model", "dtype": "dtype", "tasks": "tasks", "contexts": "co
 
 
 def config_from_args(args):
-    from pikv_jax.eval.methods import _split_top
-    from pikv_jax.eval.runner import EvalConfig, smoke_config
-
     over = {}
     for flag, field in _FIELDS.items():
         v = getattr(args, flag, None)
@@ -100,9 +101,6 @@ def config_from_args(args):
 
 
 def cmd_eval(args) -> int:
-    from pikv_jax.eval.methods import check_methods
-    from pikv_jax.eval.runner import run_eval
-
     cfg = config_from_args(args)
     check_methods(list(cfg.methods) + list(cfg.speed_methods))  # fail fast on a bad spec, before loading the model
     print(f"[pikv] eval {cfg.model}: tasks {','.join(cfg.tasks)}; methods {', '.join(cfg.methods)}", file=sys.stderr,

@@ -13,6 +13,7 @@ averaged over every valid position of every row. The same pass yields the contin
 from __future__ import annotations
 
 import numpy as np
+from pikv_jax.cache.policies.base import CachePolicy
 
 
 def kl_divergence(logp_ref: np.ndarray, logp: np.ndarray) -> np.ndarray:
@@ -82,8 +83,6 @@ def logit_fidelity(model, methods, prompts, continuations, *, reference: dict | 
                    progress=None) -> tuple[list[dict], dict]:
     """KL / top-1 / NLL of every method against the full cache on fixed (prompt, continuation)
     pairs. Returns (rows, full-cache pass) so callers can reuse the reference."""
-    from pikv_jax.cache.policies.base import CachePolicy
-
     if reference is None:
         reference = teacher_forced_pass(model, CachePolicy(), prompts, continuations)
         if progress:

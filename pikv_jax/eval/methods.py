@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 from pikv_jax.cache.policies import POLICIES, Composite, make_policy
 from pikv_jax.cache.policies.base import CachePolicy
+from pikv_jax.cache.policies.duo_attention import DuoAttention
+from pikv_jax.calibrate import duo as dc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,22 +105,7 @@ def _policy_builder(name: str) -> MethodBuilder:
 ALIASES = {"none": "full", "streamingllm": "streaming_llm", "streaming": "streaming_llm"}
 
 
-_BUILTINS_LOADED = False
-
-
-def _load_builtin_transforms() -> None:
-    """Registers the compression transforms (int8/int4/int2, svd, lora, fastv, chunkkv, pyramid, pikv)
-    on first use; imported lazily because pikv_jax.compress builds on the eviction policies."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        from pikv_jax.compress.eval_methods import register_eval_methods
-
-        register_eval_methods()
-
-
 def lookup(name: str) -> MethodBuilder:
-    _load_builtin_transforms()
     key = _norm(name)
     key = ALIASES.get(key, key)
     if key in _REGISTRY:
@@ -129,7 +116,6 @@ def lookup(name: str) -> MethodBuilder:
 
 
 def available_methods() -> list[str]:
-    _load_builtin_transforms()
     return sorted(set(POLICIES) | set(_REGISTRY))
 
 
@@ -324,8 +310,6 @@ def _duo(budget, options, ctx: BuildContext):
     calibrated on `ctx.model` (attention statistics over synthetic passkey prompts, cached per
     model), binarised at the retrieval fraction whose memory is 25% of a full cache at
     context_len (streaming heads keep n_sink + window tokens)."""
-    from pikv_jax.cache.policies.duo_attention import DuoAttention
-    from pikv_jax.cache.policies import duo_calibration as dc
 
     opts = dict(options)
     path = opts.pop("pattern_file", None)

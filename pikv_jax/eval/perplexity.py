@@ -17,6 +17,7 @@ from typing import Sequence
 
 from pikv_jax.eval.fidelity import compare, nll_stats, teacher_forced_pass
 from pikv_jax.eval.passkey import codec_for, haystack_text, split_heldout
+from pikv_jax.cache.policies.base import CachePolicy
 
 
 def heldout_ids(model, *, haystack: str = "varied", codec=None) -> list[int]:
@@ -46,8 +47,6 @@ def prefix_perplexity(model, methods, ids: Sequence[int], *, prefix_len: int, co
     `with_fidelity`, from the same pass). `cached`: rows by method label already computed (an
     interrupted run); `on_row(row)` is called for each new row. The full-cache reference pass runs
     only when some method needs it."""
-    from pikv_jax.cache.policies.base import CachePolicy
-
     cached = cached or {}
     pairs = prefix_windows(ids, prefix_len, cont_len, n_windows)
     prompts, conts = [p for p, _ in pairs], [c for _, c in pairs]
@@ -90,8 +89,6 @@ def eviction_perplexity(model, methods, ids: Sequence[int], *, cache_tokens: int
     prompt (the whole budget), the rest is scored while the policy evicts every step. Methods
     should carry a token budget of `cache_tokens` (e.g. "streaming_llm@512t"). The first row is
     the full cache on the same tokens. `cached` / `on_row` as in `prefix_perplexity`."""
-    from pikv_jax.cache.policies.base import CachePolicy
-
     cached = cached or {}
     total = cache_tokens * text_factor
     if len(ids) < total:

@@ -13,6 +13,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from pikv_jax.eval.passkey import summarize
 
 MiB = 2.0**20
 
@@ -177,8 +178,6 @@ def eviction_table(rows: Sequence[dict]) -> str:
 
 def passkey_breakdown(records: Sequence[dict], *, keys=("haystack", "n_keys")) -> str:
     """Accuracy per method and mode split by `keys` (e.g. haystack and number of keys)."""
-    from pikv_jax.eval.passkey import summarize
-
     rows = summarize(list(records), ("method", "mode") + tuple(keys))
     cols = sorted({tuple(r[k] for k in keys) for r in rows}, key=str)
     head = "| method | mode | " + " | ".join("/".join(map(str, c)) for c in cols) + " |"

@@ -15,10 +15,13 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
 
-from pikv_jax.eval import fidelity, passkey, perplexity, report
+from pikv_jax.eval import passkey, perplexity, report
 from pikv_jax.eval.methods import parse_methods
+from pikv_jax.api import PiKVModel
+import traceback
+from pikv_jax.bench import machine_info
+from tqdm import tqdm
 
 TASKS = ("passkey", "ppl", "fidelity", "speed")
 DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
@@ -105,8 +108,6 @@ class Progress:
         self.bar = None
         if enabled:
             try:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=total, file=sys.stderr, unit="run", dynamic_ncols=True, smoothing=0.1)
             except ImportError:  # pragma: no cover
                 pass
@@ -140,8 +141,6 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     if model is None:
-        from pikv_jax.api import PiKVModel
-
         t0 = time.perf_counter()
         model = PiKVModel.from_pretrained(cfg.model, dtype=cfg.dtype)
         timings["load_s"] = time.perf_counter() - t0
@@ -334,8 +333,6 @@ class Checkpoint:
 
 
 def _error(task: str, method: str, e: Exception, **where) -> dict:
-    import traceback
-
     print(f"[pikv] eval: {task} {method} {where} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     return dict(task=task, method=method, **where, error=f"{type(e).__name__}: {e}",
                 traceback=traceback.format_exc(limit=6))
@@ -382,8 +379,6 @@ def goals(payload: dict, *, table_context: int | None) -> dict:
 
 
 def _meta(cfg: EvalConfig, model, timings: dict) -> dict:
-    from pikv_jax.bench import machine_info
-
     try:
         machine = machine_info()
     except Exception as e:  # pragma: no cover - informational only

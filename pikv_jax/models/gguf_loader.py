@@ -14,6 +14,7 @@ import numpy as np
 
 from pikv_jax.config import ModelConfig, RopeScaling
 from pikv_jax.models.tokenizer import Tokenizer
+import gguf
 
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
 _PERMUTED_ARCHS = ("llama", "mistral")  # architectures whose Q/K rows llama.cpp permutes
@@ -56,8 +57,6 @@ def hf_name(gguf_name: str) -> str:
 
 def open_gguf(path: str):
     """A `gguf.GGUFReader`, with clear errors for a missing or corrupt file."""
-    import gguf
-
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path!r}")
     try:
@@ -111,8 +110,6 @@ def config_from_gguf(reader) -> ModelConfig:
 
 def load_gguf(path: str, *, progress=None) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
     """(config, float32 weights keyed by HF name, tokenizer) of a GGUF file."""
-    import gguf
-
     reader = open_gguf(path)
     cfg = config_from_gguf(reader)
     arch = reader.fields["general.architecture"].contents()

@@ -10,6 +10,8 @@ import numpy as np
 
 from pikv_jax.config import ModelConfig
 from pikv_jax.models.tokenizer import Tokenizer
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,8 +53,6 @@ def safetensors_files(folder: str) -> list[str]:
 
 def load_hf_weights(folder: str, *, progress=None) -> dict:
     """All tensors of the checkpoint keyed by name (jax arrays, dtype as stored, bf16 included)."""
-    from safetensors import SafetensorError, safe_open
-
     out = {}
     files = safetensors_files(folder)
     for i, path in enumerate(files):
@@ -80,8 +80,6 @@ def load_hf_folder(folder: str, *, progress=None):
 def save_hf_folder(folder: str, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None,
                    *, max_shard_bytes: int | None = None) -> None:
     """Writes a loadable HF folder. With `max_shard_bytes`, shards the weights and writes the index."""
-    from safetensors.numpy import save_file
-
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg.to_hf_dict(), f, indent=1)

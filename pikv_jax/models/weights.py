@@ -19,6 +19,7 @@ from flax import nnx
 
 from pikv_jax.config import ModelConfig
 from pikv_jax.models.llama import CausalLM
+from pikv_jax.models.moe_llama import moe_hf_sources
 
 
 def nnx_path_to_hf(path: tuple) -> tuple[str, bool]:
@@ -36,8 +37,6 @@ def hf_sources(cfg: ModelConfig, path: tuple) -> tuple[list[str], bool, bool]:
     """NNX parameter path -> (HF names, transpose?, stacked over experts?). Dense parameters have one
     name; an empty list means checkpoints do not hold the parameter."""
     if cfg.num_experts:
-        from pikv_jax.models.moe_llama import moe_hf_sources
-
         got = moe_hf_sources(cfg, path)
         if got is not None:
             return got

@@ -3,6 +3,7 @@ KV cache, and expert parallelism over a device mesh (`DistributedPiKVMoE`)."""
 
 from pikv_jax.moe.dispatch import (CapacityDispatch, SortedDispatch, capacity_dispatch, expert_capacity,
                                    sort_by_expert, unsort_and_combine)
+from pikv_jax.moe.distill import SeedOptimizer, distillation_step
 from pikv_jax.moe.distributed import DistributedPiKVMoE
 from pikv_jax.moe.expert_cache import ExpertShardedKVCache, init_expert_sharded_cache
 from pikv_jax.moe.experts import Experts, LoRAParam, SharedExpert
@@ -17,6 +18,6 @@ __all__ = [
     "ExpertLoad", "ExpertShardedKVCache", "Experts", "FastMoERouter", "FlexMoERouter", "HierarchicalRouter",
     "LoRAParam", "MixtureOfExpertsRouter", "MoEAux", "MoEStats", "PiKVMoE", "PiKVRouter", "ROUTERS",
     "ROUTER_KINDS", "RouterExtraParam", "RouterState", "Routing", "SharedExpert", "SinkhornRouter",
-    "SortedDispatch", "TimeMoERouter", "TopKBalancedRouter", "TopKRouter", "capacity_dispatch",
-    "create_moe_router", "expert_capacity", "init_expert_sharded_cache", "sort_by_expert", "unsort_and_combine",
+    "SeedOptimizer", "SortedDispatch", "TimeMoERouter", "TopKBalancedRouter", "TopKRouter", "capacity_dispatch",
+    "create_moe_router", "distillation_step", "expert_capacity", "init_expert_sharded_cache", "sort_by_expert", "unsort_and_combine",
 ]

@@ -13,7 +13,6 @@ Two layouts of the same routing decision (`expert_idx i32[T, K]`, `gates f32[T, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax

@@ -28,6 +28,9 @@ from pikv_jax.moe.experts import experts_capacity
 from pikv_jax.moe.pikv_moe import PiKVMoE, grouped_capacity_moe
 from pikv_jax.moe.routers.base import Routing
 from pikv_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, shard_map
+from flax import nnx
+from pikv_jax.parallel.sharding import shard_state
+from jax.sharding import NamedSharding
 
 
 class DistributedPiKVMoE(PiKVMoE):
@@ -93,9 +96,6 @@ class DistributedPiKVMoE(PiKVMoE):
 
 def place_on_mesh(moe: DistributedPiKVMoE):
     """Puts the layer's arrays on its mesh under the sharding rules (experts split, rest replicated)."""
-    from flax import nnx
-
-    from pikv_jax.parallel.sharding import shard_state
 
     nnx.update(moe, shard_state(nnx.state(moe), moe.mesh, expert_axis=moe.expert_axis))
     return moe
@@ -103,8 +103,6 @@ def place_on_mesh(moe: DistributedPiKVMoE):
 
 def token_sharding(moe: DistributedPiKVMoE):
     """NamedSharding for tokens [T, H] of this layer's mesh (split over data x expert)."""
-    from jax.sharding import NamedSharding
-
     return NamedSharding(moe.mesh, P((moe.data_axis, moe.expert_axis)))
 
 

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
+from jax.sharding import PartitionSpec as P
+from pikv_jax.parallel.mesh import shard_map
 
 EMPTY = -1
 
@@ -222,9 +224,6 @@ def sharded_decode_attention(q, cache: ExpertShardedKVCache, q_pos, mesh, *, exp
     """`decode_attention` with the shards distributed over `expert_axis` of `mesh` by `shard_map`:
     each device attends over its own shards and the partials meet in one pmax + two psums.
     Returns out [B, H, D] replicated on every device."""
-    from jax.sharding import PartitionSpec as P
-
-    from pikv_jax.parallel.mesh import shard_map
 
     n = mesh.shape[expert_axis]
     if cache.num_experts % n:

@@ -16,6 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pikv_jax.parallel.multihost import initialize
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from pikv_jax.moe.distributed import DistributedPiKVMoE, place_on_mesh
+from pikv_jax.moe.pikv_moe import PiKVMoE
+from pikv_jax.parallel.mesh import expert_mesh
+from pikv_jax.parallel.sharding import global_array
 
 
 def _cases():
@@ -34,21 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     args = p.parse_args(argv)
 
-    from pikv_jax.parallel.multihost import initialize
 
     pid, nproc = initialize()  # before anything touches the devices
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-    from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from pikv_jax.moe.distributed import DistributedPiKVMoE, place_on_mesh
-    from pikv_jax.moe.pikv_moe import PiKVMoE
-    from pikv_jax.parallel.mesh import expert_mesh
-    from pikv_jax.parallel.sharding import global_array
 
     devices = jax.devices()
     if len(devices) % args.data:

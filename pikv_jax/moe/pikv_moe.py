@@ -22,7 +22,6 @@ Forward algorithm (x: [..., H], T tokens):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -31,9 +30,9 @@ import flax.errors
 import numpy as np
 from flax import nnx, struct
 
-from pikv_jax.moe import losses
-from pikv_jax.moe.dispatch import (capacity_positions, gather_from_slots, scatter_to_slots, slot_indices,
-                                   sort_by_expert, tokens_per_expert, unsort_and_combine)
+from pikv_jax.moe import distill, losses
+from pikv_jax.moe.dispatch import (capacity_positions, gather_from_slots, scatter_gates, scatter_to_slots,
+                                   slot_indices, sort_by_expert, tokens_per_expert, unsort_and_combine)
 from pikv_jax.moe.experts import Experts, SharedExpert
 from pikv_jax.moe.routers import BaseRouter, Routing, create_moe_router
 
@@ -246,8 +245,6 @@ class PiKVMoE(nnx.Module):
     def dense_reference(self, x, *, training: bool = False, key=None, **router_inputs):
         """Every expert on every token, weighted by the routing gates (no capacity): the function the
         sparse paths must equal when nothing is dropped. x [..., H] -> [..., H]."""
-        from pikv_jax.moe.dispatch import scatter_gates
-
         x2 = x.reshape(-1, self.hidden_size)
         routing = self.router.route(x, training=training, key=key, **router_inputs)
         w = scatter_gates(routing.expert_idx, routing.gates, routing.active, self.num_experts)  # [T, E]
@@ -257,11 +254,9 @@ class PiKVMoE(nnx.Module):
 
     def distillation_step(self, input_data, teacher_hidden, optimizer=None, *, key=None) -> dict:
         """The seed's `model.distillation_step`: one optimizer step on this layer's loss (router aux +
-        distill_coef * distillation) with a `pikv_jax.train.SeedOptimizer` (losses only without one).
-        See pikv_jax/train/moe.py."""
-        from pikv_jax.train.moe import distillation_step
-
-        return distillation_step(self, input_data, teacher_hidden, optimizer, key=key)
+        distill_coef * distillation) with a `pikv_jax.moe.SeedOptimizer` (losses only without one).
+        See pikv_jax/moe/distill.py."""
+        return distill.distillation_step(self, input_data, teacher_hidden, optimizer, key=key)
 
     def get_stats(self) -> dict:
         """Host-side statistics of the last call: expert loads, drops, auxiliary losses, router entropy."""

@@ -2,7 +2,7 @@
 
     pikv distill --config configs/distill_lora.yaml train.steps=200 optim.lr=1e-3 --run-dir runs/lora
 
-`add_distill_args(parser)` registers the flags, `cmd_distill(args) -> int` runs; pikv_jax/cli.py wires
+`add_distill_args(parser)` registers the flags, `cmd_distill(args) -> int` runs; pikv_jax/cli/main.py wires
 them. `python -m pikv_jax.train.cli ...` is the same command without the other subcommands. Progress
 goes to stderr (a tqdm bar); the last line of stdout is one JSON object (the eval.json summary).
 """
@@ -14,6 +14,8 @@ import json
 import logging
 import pathlib
 import sys
+from pikv_jax.train.config import dump_config, load_config
+from pikv_jax.train.trainer import train
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
@@ -39,13 +41,10 @@ def default_run_dir(config_path: str | None) -> pathlib.Path:
 
 
 def cmd_distill(args) -> int:
-    from pikv_jax.train.config import dump_config, load_config
-
     cfg = load_config(args.config, args.overrides)
     if getattr(args, "print_config", False):
         print(dump_config(cfg), end="")
         return 0
-    from pikv_jax.train.trainer import train
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[pikv] %(message)s", stream=sys.stderr)

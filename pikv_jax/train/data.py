@@ -26,6 +26,9 @@ import os
 from typing import Sequence
 
 import numpy as np
+from pikv_jax.eval.passkey import split_heldout
+from pikv_jax.eval.passkey import CharCodec, TokenizerCodec, make_haystack
+from pikv_jax.eval.passkey import build_case, question_text
 
 HELDOUT_STREAM = 1_000_003  # seed offset of held-out batches (never a training step)
 
@@ -43,8 +46,6 @@ def read_text(name: str) -> str:
 
 def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
     """(train, held-out) by whole paragraphs; a text without paragraphs is split by characters."""
-    from pikv_jax.eval.passkey import split_heldout
-
     paras = [p for p in text.split("\n\n") if p.strip()]
     if len(paras) >= 2:
         return split_heldout(text, heldout_fraction)
@@ -115,7 +116,6 @@ class Batches:
     def _passkey_row(self, rng):
         if self.codec is None:
             return planted_passkey_row(rng, self.seq_len, self.vocab_size, self.key_len)
-        from pikv_jax.eval.passkey import build_case, question_text
 
         stack = self.haystacks[int(rng.integers(len(self.haystacks)))]
         depth = float(rng.uniform(0.0, 1.0))
@@ -169,7 +169,6 @@ def make_batches(data_cfg, *, task: str, seed: int, vocab_size: int, tokenizer=N
                   prefix_len=data_cfg.prefix_len, vocab_size=vocab_size, key_len=data_cfg.key_len)
     if source == "random":
         return Batches(**common)
-    from pikv_jax.eval.passkey import CharCodec, TokenizerCodec, make_haystack
 
     codec = TokenizerCodec(tokenizer) if tokenizer is not None else None
     bos = tokenizer.bos_token_id if tokenizer is not None else None

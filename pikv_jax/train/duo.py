@@ -19,7 +19,7 @@ need the full context to streaming. Gates start at 1 (every head full, loss = l1
 are clipped to [0, 1] after every update, with gate=sigmoid alpha = sigmoid(parameter).
 
 After training the gates are binarised (top `retrieval_fraction` of heads over all layers, or alpha >=
-`threshold`) and written as a pattern file in duo_calibration's format with method "distillation",
+`threshold`) and written as a pattern file in duo_pattern.py's format with method "distillation",
 which `DuoAttention.from_pattern_file` loads.
 """
 
@@ -33,10 +33,15 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.attention.reference import NEG_INF, visible
-from pikv_jax.cache.policies import duo_calibration as dc
+from pikv_jax.calibrate import duo as dc
 from pikv_jax.train import strategies as st
 from pikv_jax.train.forward import forward_train, stop_gradient
 from pikv_jax.train.task import Task, register_task
+from pikv_jax.cache.policies.duo_attention import DuoAttention
+from pikv_jax.train.data import planted_passkey_row
+from pikv_jax.eval import passkey as pk
+from pikv_jax.eval.methods import Method
+from pikv_jax.cache.policies.base import CachePolicy
 
 
 class GateParam(nnx.Param):
@@ -207,14 +212,9 @@ def passkey_comparison(base, patterns: dict, *, n_sink: int, window: int, contex
     when the generated tokens equal the full cache's (agreement with the teacher).
     Returns {"accuracy": {label: float}, "n": cases (x modes), "mode": ...}.
     """
-    from pikv_jax.cache.policies.duo_attention import DuoAttention
-
     policies = {label: DuoAttention(pattern=as_retrieval(p), n_sink=n_sink, window=window)
                 for label, p in patterns.items()}
     if base.tokenizer is not None:
-        from pikv_jax.eval import passkey as pk
-        from pikv_jax.eval.methods import Method
-
         depths = [(i + 0.5) / num_cases for i in range(num_cases)]
         cases = pk.build_cases(pk.codec_for(base), contexts=[context_len], depths=depths, seeds=[seed],
                                haystacks=list(haystacks))
@@ -225,7 +225,6 @@ def passkey_comparison(base, patterns: dict, *, n_sink: int, window: int, contex
                                  batch_size=batch_size)
         acc = {row["method"]: row["accuracy"] for row in pk.summarize(records, keys=("method",))}
         return {"accuracy": acc, "n": len(cases) * len(modes), "mode": list(modes), "metric": "answer substring"}
-    from pikv_jax.train.data import planted_passkey_row
 
     rng = np.random.default_rng([seed, 31337])
     rows = [planted_passkey_row(rng, context_len, base.config.vocab_size, key_len)[0] for _ in range(num_cases)]
@@ -242,8 +241,6 @@ def passkey_comparison(base, patterns: dict, *, n_sink: int, window: int, contex
 
 
 def _full():
-    from pikv_jax.cache.policies.base import CachePolicy
-
     return CachePolicy()
 
 

@@ -1,6 +1,6 @@
 """An instrumented, differentiable uncached forward for distillation: teacher and students share it.
 
-`forward_train(model, tokens, lengths)` computes exactly `models.forward.forward_full` (the
+`forward_train(model, tokens, lengths)` computes exactly `runtime.forward.forward_full` (the
 full-cache teacher), and optionally returns per-layer hidden states, attention outputs and the
 MLP's input/output. Students change one thing: `attention(layer, q, k, v, pos) -> out` replaces the
 exact attention of every layer, e.g. with keys/values reconstructed from a low-rank code (LoRA
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from pikv_jax.attention import dispatch
 from pikv_jax.attention.reference import NEG_INF, visible
-from pikv_jax.models.forward import prompt_positions
+from pikv_jax.runtime.forward import prompt_positions
 
 AttentionFn = Callable[..., jax.Array]  # (layer, q, k, v, pos) -> out [B, T, H, D]
 

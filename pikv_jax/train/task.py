@@ -23,14 +23,15 @@ from flax import nnx
 from pikv_jax.api import PiKVModel, parse_dtype
 from pikv_jax.train.config import DistillConfig
 from pikv_jax.train.data import Batches, make_batches
+from pikv_jax.config import tiny_config
+from pikv_jax.trainstep import make_eval_step
+import jax
 
 
 def load_base_model(cfg: DistillConfig) -> PiKVModel:
     """The frozen base model (teacher) of a config: "tiny" or anything `PiKVModel.from_pretrained` takes."""
     m = cfg.model
     if m.name == "tiny":
-        from pikv_jax.config import tiny_config
-
         try:
             mc = tiny_config(**m.tiny)
         except TypeError as e:
@@ -72,9 +73,6 @@ class Task(abc.ABC):
 
     def evaluate(self, sp, initial: dict, final: dict, heldout: list[dict], place) -> dict:
         """Held-out loss of the initial and the trained parameters (tasks add their own metrics)."""
-        from pikv_jax.train.step import make_eval_step
-        import jax
-
         fn = make_eval_step(sp, lambda m, b, r: self.loss(m, b, r, train=False))
         frozen = place(sp.frozen, replicate=True)
         out = {}
@@ -107,10 +105,6 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def build_task(cfg: DistillConfig, base: PiKVModel | None = None) -> Task:
-    import pikv_jax.train.duo  # noqa: F401 - registration
-    import pikv_jax.train.lora  # noqa: F401
-    import pikv_jax.train.moe  # noqa: F401
-
     if cfg.task not in TASKS:
         raise ValueError(f"task={cfg.task!r}; allowed: {', '.join(sorted(TASKS))}")
     return TASKS[cfg.task](cfg, base)

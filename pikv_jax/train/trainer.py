@@ -34,8 +34,10 @@ import yaml
 
 from pikv_jax.train.checkpoint import Checkpointer, abstract_like
 from pikv_jax.train.config import DistillConfig, config_from_dict, dump_config
-from pikv_jax.train.step import count_params, data_mesh, make_optimizer, make_train_step, shard_batch, split_trainable
-from pikv_jax.train.step import replicate as _replicate
+from pikv_jax.trainstep import count_params, data_mesh, make_optimizer, make_train_step, shard_batch, split_trainable
+from pikv_jax.trainstep import replicate as _replicate
+from tqdm import tqdm
+from pikv_jax.train.task import build_task
 
 log = logging.getLogger("pikv_jax")
 
@@ -79,8 +81,6 @@ def _truncate_metrics(path: pathlib.Path, upto: int) -> None:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 desc="distill", leave=True)
 
@@ -118,8 +118,6 @@ def train(cfg: DistillConfig, run_dir, *, resume: bool | None = None, progress: 
 
 
 def _train(cfg, run_dir, ckpt, resuming, progress, task) -> dict:
-    from pikv_jax.train.task import build_task
-
     t_setup = time.perf_counter()
     task = task if task is not None else build_task(cfg)
     sp, params0 = split_trainable(task.module, task.trainable)

@@ -26,7 +26,7 @@ from pikv_jax.attention import dispatch
 from pikv_jax.cache.policies import POLICIES, Composite, H2O, SnapKV, init_policy_cache, policy_class
 from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.config import tiny_config
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 from pikv_jax.models.weights import build_model
 
 NUM_LAYERS = 2

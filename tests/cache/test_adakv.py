@@ -18,7 +18,7 @@ from pikv_jax.cache.policies.adakv import adaptive_keep
 from pikv_jax.cache.policies.base import select_top
 from pikv_jax.cache.pooled import PooledLayerCache
 from pikv_jax.config import tiny_config
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 
 keep_fn = jax.jit(adaptive_keep, static_argnames=("n_sink", "window", "safe_fraction"))
 

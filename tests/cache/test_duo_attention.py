@@ -15,10 +15,10 @@ from flax import nnx
 
 from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies import CachePolicy, DuoAttention, init_policy_cache, make_policy
-from pikv_jax.cache.policies import duo_calibration as dc
+from pikv_jax.calibrate import duo as dc
 from pikv_jax.cache.pooled import PooledLayerCache
 from pikv_jax.config import tiny_config
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 
 share_fn = jax.jit(dc.long_range_share, static_argnames=("n_sink", "window", "sliding_window", "block_q"))
 

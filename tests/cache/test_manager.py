@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from pikv_jax.cache.manager import (CacheSchedulingManager, H2OScheduler, LRUScheduler, SchedulingPolicy,
+from pikv_jax.scheduling import (CacheSchedulingManager, H2OScheduler, LRUScheduler, SchedulingPolicy,
                                     StreamingLLMScheduler)
 
 RNG = np.random.default_rng(0)
@@ -119,7 +119,7 @@ def test_errors():
 
 
 def test_duo_attention_scheduler_streams_every_head():
-    from pikv_jax.cache.manager import DuoAttentionScheduler
+    from pikv_jax.scheduling import DuoAttentionScheduler
 
     m = DuoAttentionScheduler(10, 16, sink_size=3, num_kv_heads=2)
     k, v, _ = _data(1, 25, hidden=16)

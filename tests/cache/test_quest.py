@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pikv_jax.api import PiKVModel
-from pikv_jax.cache.policies import CachePolicy, Composite, Quest, SnapKV, init_policy_cache, make_policy
+from pikv_jax.cache.policies import Composite, Quest, SnapKV, init_policy_cache, make_policy
 from pikv_jax.cache.policies.quest import page_bounds, page_upper_bound
-from pikv_jax.cache.state import LayerCache, init_layer_cache
+from pikv_jax.cache.state import init_layer_cache
 from pikv_jax.config import tiny_config
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 
 bounds_fn = jax.jit(page_bounds, static_argnums=2)
 upper_fn = jax.jit(page_upper_bound)

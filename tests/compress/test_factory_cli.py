@@ -15,7 +15,7 @@ from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.compress import (ChunkKVCompressor, CompressorChain, FastVCompressor, LoRACompressor, PiKVCompressor,
                                QuantizedCompressor, create_compressor, parse_compress_spec)
 from pikv_jax.compress.chunkkv import ChunkKVPolicy
-from pikv_jax.compress.cli_args import add_compress_args, apply_compress, validate_compress_args
+from pikv_jax.cli.compress_args import add_compress_args, apply_compress, validate_compress_args
 from pikv_jax.compress.kivi import QuantizedPolicy
 from pikv_jax.compress.lowrank import LowRankPolicy
 
@@ -134,10 +134,9 @@ def test_generate_stats_report_the_bytes_allocated():
 
 
 def test_eval_method_specs():
-    from pikv_jax.compress.eval_methods import register_eval_methods
+    """Importing the eval layer registers the compression transforms (no explicit call)."""
     from pikv_jax.eval.methods import parse_method
 
-    register_eval_methods()
     m = parse_method("h2o@0.25+int4(group_size=8,residual_length=16)", num_layers=2)
     assert isinstance(m.policy, QuantizedPolicy) and m.policy.inner == H2O(budget_ratio=0.25)
     assert m.policy.bits == 4 and m.policy.group_size == 8

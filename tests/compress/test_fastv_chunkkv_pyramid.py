@@ -16,7 +16,7 @@ import pytest
 from compress_helpers import prefill_contexts, prefill_eager, random_prompts, run_trace, tiny_model
 from pikv_jax.cache.policies import CachePolicy, H2O, SnapKV
 from pikv_jax.cache.state import init_layer_cache
-from pikv_jax.compress.calibration import capture_qkv
+from pikv_jax.runtime.capture import capture_qkv
 from pikv_jax.compress.chunkkv import ChunkKVCompressor, ChunkKVPolicy, chunk_keep_mask
 from pikv_jax.compress.fastv import FastVCompressor, FastVPolicy
 from pikv_jax.compress.pyramid import PyramidCompressor, PyramidPolicy

@@ -130,7 +130,6 @@ def test_evicting_inner_policy_evicts_whole_groups_and_protects_sinks_and_recent
 
 
 def test_cache_bytes_are_what_is_allocated():
-    model = tiny_model()
     policy = QuantizedPolicy(inner=H2O(budget_tokens=40), bits=4, group_size=G, residual_length=R)
     cache = init_policy_cache(policy, 2, (40, 40), num_kv_heads=2, head_dim=16, dtype=np.float32)
     assert cache.nbytes() == sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(cache))

@@ -1,7 +1,6 @@
 """Passkey cases: exact context length, needle at the requested depth, scoring, and a run through
 a tiny random model (token-id prompts via the character codec)."""
 
-import numpy as np
 import pytest
 
 from pikv_jax.eval import passkey as P

@@ -77,7 +77,7 @@ def test_cli_reports_config_errors_and_prints_resolved_config(capsys):
 
 
 def test_pikv_distill_subcommand(capsys):
-    """`pikv distill` (pikv_jax/cli.py wires add_distill_args / cmd_distill)."""
+    """`pikv distill` (pikv_jax/cli/main.py wires add_distill_args / cmd_distill)."""
     from pikv_jax import cli
 
     try:
@@ -85,6 +85,6 @@ def test_pikv_distill_subcommand(capsys):
                                               "duo.l1=0.1", "--print-config"])
     except SystemExit:
         capsys.readouterr()
-        pytest.skip("the distill subcommand is not wired into pikv_jax/cli.py")
+        pytest.skip("the distill subcommand is not wired into pikv_jax/cli/main.py")
     assert args.func(args) == 0
     assert "l1: 0.1" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from flax import nnx
 
 from distill_helpers import CONFIGS, TINY_DUO, TINY_LORA, TINY_MOE, planted_model
 from pikv_jax.config import tiny_config
-from pikv_jax.models.forward import forward_full
+from pikv_jax.runtime.forward import forward_full
 from pikv_jax.train.config import load_config
 from pikv_jax.train.forward import forward_train, masked_attention, apply_probs
 from pikv_jax.train.task import build_task
@@ -122,7 +122,7 @@ def test_lora_training_lowers_heldout_kl_and_exports_a_policy(tmp_path):
 
 def test_duo_gates_find_planted_heads_and_beat_random_patterns(tmp_path):
     from pikv_jax.cache.policies.duo_attention import DuoAttention
-    from pikv_jax.cache.policies.duo_calibration import load_pattern
+    from pikv_jax.cache.policies.duo_pattern import load_pattern
     from pikv_jax.train.task import TASKS
 
     mc = tiny_config(num_attention_heads=4, num_key_value_heads=4)
@@ -146,7 +146,7 @@ def test_duo_gates_find_planted_heads_and_beat_random_patterns(tmp_path):
 def test_learned_duo_pattern_beats_random_patterns_on_passkey_generation(tmp_path):
     """Generation with the DuoAttention policy (query-agnostic: the cue goes through the compressed
     cache): the learned pattern agrees with the full cache far more often than random patterns."""
-    from pikv_jax.cache.policies.duo_calibration import load_pattern
+    from pikv_jax.cache.policies.duo_pattern import load_pattern
     from pikv_jax.train.duo import passkey_comparison, random_patterns
     from pikv_jax.train.task import TASKS
 
@@ -183,7 +183,7 @@ def test_moe_student_lowers_heldout_distillation_loss(tmp_path):
 
 def test_seed_distillation_step_trains_a_pikv_moe_in_place():
     from pikv_jax.moe.pikv_moe import PiKVMoE
-    from pikv_jax.train.moe import SeedOptimizer, distillation_step
+    from pikv_jax.moe.distill import SeedOptimizer, distillation_step
 
     moe = PiKVMoE(16, 4, 2, rank=2, use_distillation=True, teacher_hidden_size=24, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

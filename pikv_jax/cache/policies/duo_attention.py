@@ -3,7 +3,7 @@ plus a recent window.
 
 Only a fraction of KV heads retrieve from far back in the context; the others attend to the first
 tokens (attention sinks) and the recent ones. The head pattern (which KV head of which layer is a
-retrieval head) is static: calibrated once per model (`duo_calibration.py`: from attention
+retrieval head) is static: calibrated once per model (`pikv_jax/calibrate/duo.py`: from attention
 statistics now, learned gates by distillation later) and stored as JSON. Because it is static,
 every head's capacity is static too, and the layer stores a pool (`PooledLayerCache`) in which
 head h owns a fixed slot range:
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
+from pikv_jax.cache.policies.duo_pattern import load_pattern
 from pikv_jax.cache.pooled import (PooledLayerCache, gather_prompt_pooled, init_pooled_cache,
                                    pooled_decode_attention, segments_from_sizes, write_token_pooled)
 
@@ -40,12 +41,12 @@ def as_pattern(pattern) -> Pattern:
     """A nested tuple of bools (hashable) from nested sequences / arrays; validates the shape."""
     if pattern is None:
         raise ValueError("duo_attention needs a head pattern: pattern=[[bool per KV head] per layer] (True = "
-                         "retrieval head); calibrate one with pikv_jax.cache.policies.duo_calibration or use "
+                         "retrieval head); calibrate one with pikv_jax.calibrate.duo or use "
                          "DuoAttention.from_pattern_file(path)")
     try:
         rows = [list(r) for r in pattern]
-    except TypeError:
-        raise ValueError(f"pattern must be a sequence of per-layer sequences of bools, got {type(pattern).__name__}")
+    except TypeError as e:
+        raise ValueError(f"pattern must be a sequence of per-layer sequences of bools, got {type(pattern).__name__}") from e
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("pattern must have at least one layer and one KV head per layer")
     if len({len(r) for r in rows}) != 1:
@@ -95,9 +96,7 @@ class DuoAttention(CachePolicy):
 
     @classmethod
     def from_pattern_file(cls, path, **overrides) -> "DuoAttention":
-        """Policy from a pattern JSON (see duo_calibration); n_sink / window default to the file's."""
-        from pikv_jax.cache.policies.duo_calibration import load_pattern
-
+        """Policy from a pattern JSON (see duo_pattern.py); n_sink / window default to the file's."""
         data = load_pattern(path)
         kw = dict(pattern=data.retrieval, n_sink=data.n_sink, window=data.window)
         kw.update(overrides)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import LayerCache
-from pikv_jax.models.llama import rotate
+from pikv_jax.attention.rope import rotate
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

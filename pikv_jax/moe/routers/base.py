@@ -16,7 +16,6 @@ explicit `key` (seedable: the same key gives the same routing). Router state tha
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar, Mapping
 
 import jax

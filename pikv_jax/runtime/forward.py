@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from pikv_jax.attention import dispatch
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import KVCache
-from pikv_jax.models.llama import CausalLM, apply_rope
+from pikv_jax.attention.rope import apply_rope
+from pikv_jax.models.llama import CausalLM
 
 
 def prompt_positions(tokens, lengths):

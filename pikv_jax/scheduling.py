@@ -35,6 +35,7 @@ from pikv_jax.cache.policies import CachePolicy, Composite, make_policy, policy_
 from pikv_jax.cache.policies.base import PrefillContext, init_policy_cache
 from pikv_jax.cache.policies.streaming_llm import StreamingLLM
 from pikv_jax.cache.state import full_bf16_bytes, init_layer_cache, tree_nbytes
+from pikv_jax.cache.policies.duo_attention import DuoAttention
 
 
 class SchedulingPolicy(enum.Enum):
@@ -61,8 +62,6 @@ def _duo_policy(cache_size: int, *, num_kv_heads: int = 1, sink_size: int = 4, *
     """The seed's DuoAttention scheduler: every head streams (sink_size sinks + the most recent
     cache_size - sink_size tokens). Retrieval heads keep every token, which a fixed-size manager
     cannot promise; use DuoAttention in generation for them."""
-    from pikv_jax.cache.policies.duo_attention import DuoAttention
-
     if options.pop("pattern", None) is not None:
         raise ValueError("a fixed-size manager cannot hold retrieval heads (they keep every token); "
                          "use DuoAttention(pattern=...) in PiKVModel.generate instead")

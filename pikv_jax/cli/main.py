@@ -12,6 +12,17 @@ import json
 import math
 import sys
 import time
+from pikv_jax.cli.compress_args import add_compress_args
+from pikv_jax.cli.moe_args import add_moe_args
+from pikv_jax.cache.policies import Composite, make_policy
+from pikv_jax.api import PiKVModel
+from pikv_jax.cli.compress_args import apply_compress, validate_compress_args
+from pikv_jax.cli.moe_args import apply_moe_args
+import importlib.metadata as md
+import jax
+from pikv_jax.models.registry import bundled_model_path
+from pikv_jax.eval.cli import add_eval_args, cmd_eval
+from pikv_jax.train.cli import add_distill_args, cmd_distill
 
 
 def _progress(stage: str):
@@ -58,8 +69,6 @@ def add_generate_args(p: argparse.ArgumentParser):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch of 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line of stdout")
     add_policy_args(p)
-    from pikv_jax.compress.cli_args import add_compress_args
-    from pikv_jax.moe.cli_args import add_moe_args
 
     add_compress_args(p)
     add_moe_args(p)
@@ -103,8 +112,6 @@ def _parse_value(text: str):
 
 def build_policy(args, num_layers: int):
     """The cache policy named by the flags (Full unless a policy flag says otherwise)."""
-    from pikv_jax.cache.policies import Composite, make_policy
-
     options = {}
     for item in args.policy_option:
         if "=" not in item:
@@ -133,8 +140,6 @@ def build_policy(args, num_layers: int):
 
 
 def cmd_generate(args) -> int:
-    from pikv_jax.api import PiKVModel
-
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
@@ -146,13 +151,11 @@ def cmd_generate(args) -> int:
     if args.max_cache_tokens is not None and args.max_cache_tokens < 1:
         raise ValueError(f"--max-cache-tokens must be >= 1, got {args.max_cache_tokens}")
     build_policy(args, num_layers=1)  # validate the flags before the (slow) model load
-    from pikv_jax.compress.cli_args import apply_compress, validate_compress_args
 
     validate_compress_args(args)
     _say(f"loading {args.model}")
     model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
                                       progress=_progress("loading tensors"))
-    from pikv_jax.moe.cli_args import apply_moe_args
 
     model = apply_moe_args(args, model)
     policy = apply_compress(args, build_policy(args, model.config.num_hidden_layers), model)
@@ -201,11 +204,7 @@ def _streamer(model):
 
 
 def cmd_info(args) -> int:
-    import importlib.metadata as md
 
-    import jax
-
-    from pikv_jax.models.registry import bundled_model_path
 
     versions = {}
     for pkg in ("pikv-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf", "tokenizers"):
@@ -233,8 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with a cache policy / compression")
     add_generate_args(g)
     g.set_defaults(func=cmd_generate)
-    from pikv_jax.eval.cli import add_eval_args, cmd_eval
-    from pikv_jax.train.cli import add_distill_args, cmd_distill
 
     e = sub.add_parser("eval", help="passkey retrieval, perplexity and logit fidelity under cache methods")
     add_eval_args(e)

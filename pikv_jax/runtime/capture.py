@@ -1,5 +1,6 @@
 """Calibration data for compressors that learn from a model's own keys and values (SVD and LoRA
-bases, PiKVCompressor's per-layer importance).
+bases, PiKVCompressor's per-layer importance). It runs the model, so it lives in the runtime; the
+compressors receive it through `PiKVModel.capture_qkv` (any object with that method calibrates them).
 
 `capture_qkv` runs the model's prefill once with a policy that keeps every prompt token and also
 records the layer's queries, so each layer's post-RoPE queries, keys and values come back from the
@@ -19,24 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, init_policy_cache
+from pikv_jax.compress.base import LayerQKV
+from pikv_jax.runtime import forward
 
 CALIBRATION_FILE = "haystack_varied.txt"
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerQKV:
-    """One layer's prompt tensors (numpy): q [B, S, H, D], k, v [B, Hkv, S, D] (keys after RoPE),
-    pos i32[B, S] (-1 = padding)."""
-
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    pos: np.ndarray
-
-    @property
-    def valid(self) -> np.ndarray:
-        return self.pos >= 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,10 +65,6 @@ def calibration_ids(model, max_tokens: int = 512, *, text: str | None = None) ->
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _capture(graphdef, policy, params, tokens, lengths, cache):
-    from flax import nnx
-
-    from pikv_jax.models import forward
-
     return forward.prefill(nnx.merge(graphdef, params), tokens, lengths, cache, policy)[1]
 
 

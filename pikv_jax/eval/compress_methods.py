@@ -6,7 +6,8 @@ wrap the eviction policy built so far:
     fastv (layer=, drop_ratio=), chunkkv (chunk_size=), pyramid (num_levels=, decay_factor=)
     pikv (methods="int8,int4", threshold=0.5)
 
-`register_eval_methods()` adds them to the evaluation registry (idempotent). Layouts (int*, svd,
+They are registered when this module is imported (pikv_jax/eval/__init__.py imports it, so any
+`pikv_jax.eval` import sees them). Layouts (int*, svd,
 lora, pikv) take no budget of their own: "int4@0.25" alone is rejected, give the budget to an
 eviction policy ("h2o@0.25+int4"). chunkkv and pyramid use the spec's budget as their kept ratio.
 """
@@ -20,6 +21,7 @@ from pikv_jax.compress.svd import SVDCompressor
 from pikv_jax.compress.pikv import PiKVCompressor
 from pikv_jax.compress.pyramid import PyramidCompressor
 from pikv_jax.compress.quantized import QuantizedCompressor
+from pikv_jax.eval.methods import register_method
 
 _CALIBRATED: dict = {}  # (id(model), method, options) -> calibrated compressor
 
@@ -101,8 +103,5 @@ BUILDERS = {"int8": _quantized(8), "int4": _quantized(4), "int2": _quantized(2),
             "pikv": _pikv, "fastv": _fastv, "chunkkv": _chunkkv, "pyramid": _pyramid}
 
 
-def register_eval_methods() -> None:
-    from pikv_jax.eval.methods import register_method
-
-    for name, build in BUILDERS.items():
-        register_method(name, build, role="transform", needs_budget=False, takes_budget=True)
+for _name, _build in BUILDERS.items():
+    register_method(_name, _build, role="transform", needs_budget=False, takes_budget=True)

@@ -19,8 +19,9 @@ from jax.experimental import io_callback
 
 from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.cache.state import KVCache
-from pikv_jax.models import forward
+from pikv_jax.runtime import forward
 from pikv_jax.sampling import SamplingConfig, sample
+import numpy as np
 
 RUNNING, STOP_TOKEN, MAX_TOKENS, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {RUNNING: "running", STOP_TOKEN: "stop_token", MAX_TOKENS: "max_tokens", CACHE_FULL: "cache_full"}
@@ -129,8 +130,6 @@ def pad_prompts(prompts: list[list[int]], *, pad_id: int = 0, multiple: int = 64
 
     Returns (tokens i32[B, S], lengths i32[B]) as host arrays.
     """
-    import numpy as np
-
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
     for i, p in enumerate(prompts):

@@ -10,6 +10,9 @@ The spec grammar is in pikv_jax/compress/factory.py; `pikv generate --help` show
 from __future__ import annotations
 
 import argparse
+from pikv_jax.compress.factory import CompressorChain, compressor_from_spec
+from pikv_jax.runtime.capture import calibration_ids
+from pikv_jax.compress.factory import parse_compress_spec
 
 COMPRESS_HELP = (
     "KV compression, combinable with --policy/--budget: int8 | int4 | int2 [:GROUP[:RESIDUAL]] (KIVI, default "
@@ -40,7 +43,6 @@ def validate_compress_args(args) -> None:
         return
     if getattr(args, "calibration_tokens", 512) < 2:
         raise ValueError(f"--calibration-tokens must be >= 2, got {args.calibration_tokens}")
-    from pikv_jax.compress.factory import CompressorChain, compressor_from_spec
 
     comps = []
     for part in spec.split("+"):
@@ -57,8 +59,6 @@ def apply_compress(args, policy, model):
     spec = getattr(args, "compress", None)
     if spec is None:
         return policy
-    from pikv_jax.compress.calibration import calibration_ids
-    from pikv_jax.compress.factory import parse_compress_spec
 
     validate_compress_args(args)
     prompts = None

@@ -15,6 +15,8 @@ from typing import Any
 
 from pikv_jax.config import ModelConfig
 from pikv_jax.moe.routers import ROUTER_KINDS
+from pikv_jax.api import PiKVModel
+from pikv_jax.models.weights import build_model, model_to_hf_weights
 
 
 def add_moe_args(parser: argparse.ArgumentParser) -> None:
@@ -66,9 +68,6 @@ def apply_moe_args(args: argparse.Namespace, target):
 
 def rebuild_with_config(pikv_model, cfg: ModelConfig):
     """A PiKVModel with `cfg` (same shapes, other runtime MoE choices) and the model's own weights."""
-    from pikv_jax.api import PiKVModel
-    from pikv_jax.models.weights import build_model, model_to_hf_weights
-
     weights = model_to_hf_weights(pikv_model.model)
     model = build_model(cfg, weights, dtype=pikv_model.model.dtype, source=getattr(pikv_model, "name", "model"))
     return PiKVModel(model, pikv_model.tokenizer, cfg, cache_dtype=pikv_model.cache_dtype,
