@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pikv_jax.intmath import cdiv
+
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 GROUP_REDUCTIONS = ("mean", "max", "sum")
 
@@ -87,7 +89,7 @@ def chunk_attention(q, k, v, q_pos, k_pos, *, sliding_window: int | None = None,
             if m is not None:
                 mass = mass.at[:, :, :end].add(m)
         return jnp.concatenate(outs, axis=1).reshape(b, t, h, d), mass
-    nblocks = -(-t // block_q)
+    nblocks = cdiv(t, block_q)
     pad = nblocks * block_q - t
     qb = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).reshape(b, nblocks, block_q, hk, h // hk, d)
     qpb = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nblocks, block_q)

@@ -27,6 +27,7 @@ from flax import nnx
 from pikv_jax.attention import dispatch
 from pikv_jax.attention.reference import NEG_INF, visible
 from pikv_jax.cache.policies.duo_pattern import FORMAT, VERSION, HeadPattern, binarize, load_pattern, save_pattern
+from pikv_jax.intmath import cdiv
 from pikv_jax.runtime.forward import prompt_positions
 from pikv_jax.runtime.generate import pad_prompts
 
@@ -43,7 +44,7 @@ def long_range_share(q, k, q_pos, k_pos, *, n_sink: int, window: int, sliding_wi
     """
     b, t, h, d = q.shape
     hk = k.shape[2]
-    nb = -(-t // block_q)
+    nb = cdiv(t, block_q)
     pad = nb * block_q - t
     qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, nb, block_q, hk, h // hk, d)
     qpb = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1).reshape(b, nb, block_q)

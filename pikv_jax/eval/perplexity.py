@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.eval.fidelity import compare, nll_stats, teacher_forced_pass
 from pikv_jax.eval.passkey import codec_for, haystack_text, split_heldout
-from pikv_jax.cache.policies.base import CachePolicy
 
 
 def heldout_ids(model, *, haystack: str = "varied", codec=None) -> list[int]:
@@ -38,6 +38,20 @@ def prefix_windows(ids: Sequence[int], prefix_len: int, cont_len: int, n_windows
     starts = [int(round(i * span / max(n_windows - 1, 1))) for i in range(n_windows)] if n_windows > 1 else [0]
     ext = list(ids) + list(ids)
     return [(ext[s: s + prefix_len], ext[s + prefix_len: s + need]) for s in starts]
+
+
+def _report(rows: list, row: dict, res: dict, base: dict, on_row, progress, extra: dict | None = None) -> None:
+    """Completes one method's row (NLL statistics, perplexity against the full cache's), appends it
+    and tells the callbacks."""
+    row.update(nll_stats(res["token_logprobs"], res["lengths"]))
+    row["ppl_full"] = base["ppl"]
+    row["ppl_change"] = row["ppl"] / base["ppl"] - 1.0
+    row.update(extra or {})
+    rows.append(row)
+    if on_row:
+        on_row(row)
+    if progress:
+        progress(row["method"])
 
 
 def prefix_perplexity(model, methods, ids: Sequence[int], *, prefix_len: int, cont_len: int, n_windows: int = 2,
@@ -68,17 +82,8 @@ def prefix_perplexity(model, methods, ids: Sequence[int], *, prefix_len: int, co
                 raise
             errors.append(dict(task="prefix_perplexity", method=m.label, error=f"{type(e).__name__}: {e}"))
             continue
-        row = dict(method=m.label, prefix_len=prefix_len, cont_len=cont_len, windows=len(pairs),
-                   **nll_stats(res["token_logprobs"], res["lengths"]))
-        row["ppl_full"] = base["ppl"]
-        row["ppl_change"] = row["ppl"] / base["ppl"] - 1.0
-        if with_fidelity:
-            row.update(compare(ref, res))
-        rows.append(row)
-        if on_row:
-            on_row(row)
-        if progress:
-            progress(m.label)
+        row = dict(method=m.label, prefix_len=prefix_len, cont_len=cont_len, windows=len(pairs))
+        _report(rows, row, res, base, on_row, progress, compare(ref, res) if with_fidelity else None)
     return rows
 
 
@@ -119,15 +124,7 @@ def eviction_perplexity(model, methods, ids: Sequence[int], *, cache_tokens: int
                 raise
             errors.append(dict(task="eviction_perplexity", method=m.label, error=f"{type(e).__name__}: {e}"))
             continue
-        row = dict(method=m.label, cache_tokens=cache_tokens, text_tokens=total,
-                   **nll_stats(res["token_logprobs"], res["lengths"]))
-        row["ppl_full"] = base["ppl"]
-        row["ppl_change"] = row["ppl"] / base["ppl"] - 1.0
-        rows.append(row)
-        if on_row:
-            on_row(row)
-        if progress:
-            progress(m.label)
+        _report(rows, dict(method=m.label, cache_tokens=cache_tokens, text_tokens=total), res, base, on_row, progress)
     return rows
 
 

@@ -13,6 +13,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+
 from pikv_jax.eval.passkey import summarize
 
 MiB = 2.0**20
@@ -159,21 +160,24 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
     return "\n".join(lines)
 
 
+def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A markdown table from a header and rows of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
 def speed_table(rows: Sequence[dict]) -> str:
     """Decode ms/token per (context, batch, method) with the ratio to the full cache."""
-    lines = ["| context | batch | method | decode ms/token | vs full | allocated (MiB) |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {_fmt(r['decode_ms_per_token'], '.1f')} | "
-                     f"{_fmt(r.get('ratio_vs_full'), '.2f')}x | {_fmt(r['cache_bytes'] / MiB, '.1f')} |")
-    return "\n".join(lines)
+    return _table(["context", "batch", "method", "decode ms/token", "vs full", "allocated (MiB)"],
+                  [[r["context"], r["batch"], r["method"], _fmt(r["decode_ms_per_token"], ".1f"),
+                    _fmt(r.get("ratio_vs_full"), ".2f") + "x", _fmt(r["cache_bytes"] / MiB, ".1f")] for r in rows])
 
 
 def eviction_table(rows: Sequence[dict]) -> str:
-    lines = ["| method | cache tokens | text tokens | perplexity | change vs full |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r.get('cache_tokens') or 'all'} | {r['text_tokens']} | "
-                     f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['ppl_change'], '+.1%')} |")
-    return "\n".join(lines)
+    return _table(["method", "cache tokens", "text tokens", "perplexity", "change vs full"],
+                  [[r["method"], r.get("cache_tokens") or "all", r["text_tokens"], _fmt(r["ppl"], ".2f"),
+                    _fmt(r["ppl_change"], "+.1%")] for r in rows])
 
 
 def passkey_breakdown(records: Sequence[dict], *, keys=("haystack", "n_keys")) -> str:

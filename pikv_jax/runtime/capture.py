@@ -19,12 +19,12 @@ from typing import ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, init_policy_cache
 from pikv_jax.compress.base import LayerQKV
 from pikv_jax.runtime import forward
+from pikv_jax.runtime.generate import pad_prompts
 
 CALIBRATION_FILE = "haystack_varied.txt"
 
@@ -77,11 +77,8 @@ def capture_qkv(model, prompts: Sequence[Sequence[int]] | None = None, *, max_to
     prompts = [list(map(int, p))[:max_tokens] for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("calibration prompts must be non-empty token id lists")
-    s = -(-max(len(p) for p in prompts) // 16) * 16  # padded: fewer distinct compiled shapes
-    tokens = np.zeros((len(prompts), s), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens, lengths = pad_prompts(prompts, multiple=16)  # padded: fewer distinct compiled shapes
+    s = tokens.shape[1]
     policy = _CapturePolicy()
     cache = init_policy_cache(policy, len(prompts), (s,) * cfg.num_hidden_layers,
                               num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head, dtype=jnp.float32)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from pikv_jax.attention import dispatch
 from pikv_jax.compress.lora import LoRACompressor
+from pikv_jax.intmath import cdiv
 from pikv_jax.train import strategies as st
 from pikv_jax.train.forward import forward_train, stop_gradient
 from pikv_jax.train.task import Task, register_task
@@ -87,7 +88,7 @@ class LoRATask(Task):
         if lc.rank > c.dim_per_head:
             raise ValueError(f"lora.rank={lc.rank} is larger than the head dimension {c.dim_per_head}")
         comp = LoRACompressor.for_model(c, rank=lc.rank, alpha=lc.alpha, dropout=lc.dropout, seed=self.cfg.train.seed)
-        rows = max(1, -(-lc.calib_tokens // self.batches.seq_len))
+        rows = max(1, cdiv(lc.calib_tokens, self.batches.seq_len))
         calib = self.batches.stream(CALIB_STREAM, rows)
         self.calib_prompts = [list(map(int, t[:n])) for t, n in zip(calib["tokens"], calib["lengths"])]
         if lc.init == "svd":  # SVD of the training text's keys/values: step 0 = SVDCompressor(rank)

@@ -19,15 +19,16 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 from flax import nnx
 
-import numpy_reference
+from pikv_jax.api import PiKVModel
 from pikv_jax.attention import dispatch
-from pikv_jax.cache.policies import POLICIES, Composite, H2O, SnapKV, init_policy_cache, policy_class
+from pikv_jax.cache.policies import H2O, POLICIES, Composite, SnapKV, init_policy_cache, policy_class
 from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.config import tiny_config
-from pikv_jax.runtime import forward
 from pikv_jax.models.weights import build_model
+from pikv_jax.runtime import forward
 
 NUM_LAYERS = 2
 OBS_WINDOW = 4  # SnapKV / PyramidKV / AdaKV observation window, LRU prefill window: fits tiny prompts
@@ -292,3 +293,45 @@ def step_snapshot(snaps, t):
 def resident_sets(snap, layer: int, b: int, h: int) -> list[int]:
     p = snap["pos"][layer][b, h]
     return sorted(int(x) for x in p[p >= 0])
+
+
+# ----------------------------------------------------------------------------- tiny model traces
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_pikv(seed: int):
+    """(config, PiKVModel) of the tiny test config, one per seed."""
+    cfg = tiny_config()
+    return cfg, PiKVModel.from_config(cfg, seed=seed)
+
+
+def _model_trace_impl(graphdef, policy, caps, params, tokens, lengths, dec_tokens):
+    """Prefill then teacher-fed decode steps -> (logits0, logits [n, B, V], wrote, cache after prefill,
+    final cache)."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    cache = init_policy_cache(policy, tokens.shape[0], caps, num_kv_heads=cfg.num_key_value_heads,
+                              head_dim=cfg.dim_per_head, dtype=jnp.float32)
+    logits0, cache = forward.prefill(model, tokens, lengths, cache, policy)
+    active = jnp.ones(tokens.shape[:1], bool)
+
+    def step(c, tok):
+        logits, c, wrote = forward.decode_step(model, c, tok, active, policy)
+        return c, (logits, wrote)
+
+    final, (logits, wrote) = jax.lax.scan(step, cache, dec_tokens.T)
+    return logits0, logits, wrote, cache, final
+
+
+# XLA's optimisation level barely matters for a model this small; level 0 compiles much faster
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_model_trace = jax.jit(_model_trace_impl, static_argnums=(0, 1, 2), compiler_options=_FAST_COMPILE)
+
+
+def model_trace(policy, tokens, lengths, dec, *, seed: int):
+    """`_model_trace_impl` on the tiny PiKVModel of `seed`, as numpy (cheap element access in checks)."""
+    cfg, m = tiny_pikv(seed)
+    caps = tuple(policy.capacity_for(i, tokens.shape[1], dec.shape[1]) for i in range(cfg.num_hidden_layers))
+    out = _model_trace(m.graphdef, policy, caps, m.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                       jnp.asarray(dec))
+    return jax.tree_util.tree_map(np.asarray, out)

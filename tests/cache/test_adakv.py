@@ -3,22 +3,18 @@ decode invariants on a tiny model, full-budget equivalence with the full cache, 
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from policy_helpers import model_trace, tiny_pikv
 
-from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies import AdaKV, CachePolicy, SnapKV, init_policy_cache, make_policy
 from pikv_jax.cache.policies.adakv import adaptive_keep
 from pikv_jax.cache.policies.base import select_top
 from pikv_jax.cache.pooled import PooledLayerCache
-from pikv_jax.config import tiny_config
-from pikv_jax.runtime import forward
 
 keep_fn = jax.jit(adaptive_keep, static_argnames=("n_sink", "window", "safe_fraction"))
 
@@ -104,39 +100,14 @@ def test_safe_fraction_one_equals_snapkv_selection():
 # ----------------------------------------------------------------------------- tiny model
 
 
-@functools.lru_cache(maxsize=None)
 def tiny():
-    cfg = tiny_config()
-    return cfg, PiKVModel.from_config(cfg, seed=3)
-
-
-def _trace_impl(graphdef, policy, caps, params, tokens, lengths, dec_tokens):
-    """Prefill then teacher-fed decode steps; returns (logits0, logits [n, B, V], cache after prefill, final cache)."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.config
-    cache = init_policy_cache(policy, tokens.shape[0], caps, num_kv_heads=cfg.num_key_value_heads,
-                              head_dim=cfg.dim_per_head, dtype=jnp.float32)
-    logits0, cache = forward.prefill(model, tokens, lengths, cache, policy)
-    active = jnp.ones(tokens.shape[:1], bool)
-
-    def step(c, tok):
-        logits, c, _ = forward.decode_step(model, c, tok, active, policy)
-        return c, logits
-
-    final, logits = jax.lax.scan(step, cache, dec_tokens.T)
-    return logits0, logits, cache, final
-
-
-# XLA's optimisation level barely matters for a model this small; level 0 compiles much faster
-_trace = jax.jit(_trace_impl, static_argnums=(0, 1, 2),
-                 compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    return tiny_pikv(3)
 
 
 def trace(policy, tokens, lengths, dec):
-    cfg, m = tiny()
-    caps = tuple(policy.capacity_for(i, tokens.shape[1], dec.shape[1]) for i in range(cfg.num_hidden_layers))
-    out = _trace(m.graphdef, policy, caps, m.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(dec))
-    return jax.tree_util.tree_map(np.asarray, out)  # numpy: cheap element access in the checks
+    """(logits0, logits [n, B, V], cache after prefill, final cache)."""
+    logits0, logits, _, pre, final = model_trace(policy, tokens, lengths, dec, seed=3)
+    return logits0, logits, pre, final
 
 
 def _batch(seed, lengths, s, n):

@@ -4,21 +4,17 @@ memory), and equivalence with the full cache when nothing has to be dropped."""
 
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from policy_helpers import model_trace, tiny_pikv
 
-from pikv_jax.api import PiKVModel
-from pikv_jax.cache.policies import CachePolicy, DuoAttention, init_policy_cache, make_policy
-from pikv_jax.calibrate import duo as dc
+from pikv_jax.cache.policies import CachePolicy, DuoAttention, make_policy
 from pikv_jax.cache.pooled import PooledLayerCache
-from pikv_jax.config import tiny_config
-from pikv_jax.runtime import forward
+from pikv_jax.calibrate import duo as dc
 
 share_fn = jax.jit(dc.long_range_share, static_argnames=("n_sink", "window", "sliding_window", "block_q"))
 
@@ -128,10 +124,8 @@ def test_pattern_file_roundtrip_and_validation(tmp_path):
 # ----------------------------------------------------------------------------- tiny model
 
 
-@functools.lru_cache(maxsize=None)
 def tiny():
-    cfg = tiny_config()
-    return cfg, PiKVModel.from_config(cfg, seed=4)
+    return tiny_pikv(4)
 
 
 def test_calibrate_tiny_model_end_to_end(tmp_path):
@@ -152,31 +146,8 @@ def test_calibrate_tiny_model_end_to_end(tmp_path):
     assert len(out.token_ids[0]) == 3
 
 
-def _trace_impl(graphdef, policy, caps, params, tokens, lengths, dec_tokens):
-    model = nnx.merge(graphdef, params)
-    cfg = model.config
-    cache = init_policy_cache(policy, tokens.shape[0], caps, num_kv_heads=cfg.num_key_value_heads,
-                              head_dim=cfg.dim_per_head, dtype=jnp.float32)
-    logits0, cache = forward.prefill(model, tokens, lengths, cache, policy)
-    active = jnp.ones(tokens.shape[:1], bool)
-
-    def step(c, tok):
-        logits, c, wrote = forward.decode_step(model, c, tok, active, policy)
-        return c, (logits, wrote)
-
-    final, (logits, wrote) = jax.lax.scan(step, cache, dec_tokens.T)
-    return logits0, logits, wrote, cache, final
-
-
-_trace = jax.jit(_trace_impl, static_argnums=(0, 1, 2),
-                 compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
-
-
 def trace(policy, tokens, lengths, dec):
-    cfg, m = tiny()
-    caps = tuple(policy.capacity_for(i, tokens.shape[1], dec.shape[1]) for i in range(cfg.num_hidden_layers))
-    out = _trace(m.graphdef, policy, caps, m.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(dec))
-    return jax.tree_util.tree_map(np.asarray, out)
+    return model_trace(policy, tokens, lengths, dec, seed=4)
 
 
 PATTERN = ((True, False), (False, True))

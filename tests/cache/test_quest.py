@@ -10,16 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_helpers import model_trace, tiny_pikv
 
-from pikv_jax.api import PiKVModel
-from pikv_jax.cache.policies import Composite, Quest, SnapKV, init_policy_cache, make_policy
+from pikv_jax.cache.policies import Composite, Quest, SnapKV, make_policy
 from pikv_jax.cache.policies.quest import page_bounds, page_upper_bound
 from pikv_jax.cache.state import init_layer_cache
-from pikv_jax.config import tiny_config
-from pikv_jax.runtime import forward
 
 bounds_fn = jax.jit(page_bounds, static_argnums=2)
 upper_fn = jax.jit(page_upper_bound)
@@ -174,37 +171,12 @@ def test_arguments_are_validated():
 # ----------------------------------------------------------------------------- tiny model
 
 
-@functools.lru_cache(maxsize=None)
 def tiny():
-    cfg = tiny_config()
-    return cfg, PiKVModel.from_config(cfg, seed=5)
-
-
-def _trace_impl(graphdef, policy, caps, params, tokens, lengths, dec_tokens):
-    model = nnx.merge(graphdef, params)
-    cfg = model.config
-    cache = init_policy_cache(policy, tokens.shape[0], caps, num_kv_heads=cfg.num_key_value_heads,
-                              head_dim=cfg.dim_per_head, dtype=jnp.float32)
-    logits0, cache = forward.prefill(model, tokens, lengths, cache, policy)
-    active = jnp.ones(tokens.shape[:1], bool)
-
-    def step(c, tok):
-        logits, c, wrote = forward.decode_step(model, c, tok, active, policy)
-        return c, (logits, wrote)
-
-    final, (logits, wrote) = jax.lax.scan(step, cache, dec_tokens.T)
-    return logits0, logits, wrote, cache, final
-
-
-_trace = jax.jit(_trace_impl, static_argnums=(0, 1, 2),
-                 compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    return tiny_pikv(5)
 
 
 def trace(policy, tokens, lengths, dec):
-    cfg, m = tiny()
-    caps = tuple(policy.capacity_for(i, tokens.shape[1], dec.shape[1]) for i in range(cfg.num_hidden_layers))
-    out = _trace(m.graphdef, policy, caps, m.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(dec))
-    return jax.tree_util.tree_map(np.asarray, out)
+    return model_trace(policy, tokens, lengths, dec, seed=5)
 
 
 def _check_bounds(layer, ps):
