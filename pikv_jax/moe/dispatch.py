@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from flax import struct
 
 
-
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
                     *, min_capacity: int = 1) -> int:
     """Slots per expert: ceil(capacity_factor * T * K / E), at least `min_capacity`, at most T.

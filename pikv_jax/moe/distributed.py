@@ -22,15 +22,23 @@ Capacity is fixed (static shapes), so this runs on CPU; the output equals single
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pikv_jax.moe.experts import experts_capacity
 from pikv_jax.moe.pikv_moe import PiKVMoE, grouped_capacity_moe
 from pikv_jax.moe.routers.base import Routing
-from pikv_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, shard_map
-from flax import nnx
+from pikv_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, expert_mesh, shard_map
 from pikv_jax.parallel.sharding import shard_state
-from jax.sharding import NamedSharding
+
+
+def default_expert_mesh(num_experts: int) -> Mesh:
+    """A (1, n) ("data", "expert") mesh over the first n local devices, n the largest count of local
+    devices that divides `num_experts`."""
+    devices = jax.local_devices()
+    n = max(d for d in range(1, len(devices) + 1) if num_experts % d == 0)
+    return expert_mesh(1, n, devices=devices[:n])
 
 
 class DistributedPiKVMoE(PiKVMoE):
@@ -39,10 +47,17 @@ class DistributedPiKVMoE(PiKVMoE):
     Takes PiKVMoE's arguments plus `mesh`, `data_axis`, `expert_axis`. `num_groups` is the number of
     capacity groups per device. Built with the same arguments and seed as a PiKVMoE it has the same
     parameters (or copy them with `nnx.update(dist, nnx.state(moe))`).
+
+    Without a mesh (the seed's `DistributedPiKVMoE(rank=4, alpha=1.0, use_distillation=True)`), the
+    experts are spread over this process's devices: a (1, n) ("data", "expert") mesh over the first n
+    local devices, n the largest device count that divides num_experts (1 on a single device).
     """
 
-    def __init__(self, *args, mesh: Mesh, data_axis: str = DATA_AXIS, expert_axis: str = EXPERT_AXIS, **kw):
+    def __init__(self, *args, mesh: Mesh | None = None, data_axis: str = DATA_AXIS, expert_axis: str = EXPERT_AXIS,
+                 **kw):
         super().__init__(*args, **kw)
+        if mesh is None:
+            mesh = default_expert_mesh(self.num_experts)
         if not isinstance(mesh, Mesh):
             raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
         for name, axis in (("data_axis", data_axis), ("expert_axis", expert_axis)):

@@ -29,9 +29,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
-from jax.sharding import PartitionSpec as P
 from pikv_jax.parallel.mesh import shard_map
 
 EMPTY = -1

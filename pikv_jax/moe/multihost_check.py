@@ -16,16 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pikv_jax.parallel.multihost import initialize
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from pikv_jax.moe.distributed import DistributedPiKVMoE, place_on_mesh
 from pikv_jax.moe.pikv_moe import PiKVMoE
 from pikv_jax.parallel.mesh import expert_mesh
+from pikv_jax.parallel.multihost import initialize
 from pikv_jax.parallel.sharding import global_array
 
 

@@ -24,15 +24,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.errors
 import jax
 import jax.numpy as jnp
-import flax.errors
 import numpy as np
 from flax import nnx, struct
 
 from pikv_jax.moe import distill, losses
-from pikv_jax.moe.dispatch import (capacity_positions, gather_from_slots, scatter_gates, scatter_to_slots,
-                                   slot_indices, sort_by_expert, tokens_per_expert, unsort_and_combine)
+from pikv_jax.moe.dispatch import (
+    capacity_positions,
+    gather_from_slots,
+    scatter_gates,
+    scatter_to_slots,
+    slot_indices,
+    sort_by_expert,
+    tokens_per_expert,
+    unsort_and_combine,
+)
 from pikv_jax.moe.experts import Experts, SharedExpert
 from pikv_jax.moe.routers import BaseRouter, Routing, create_moe_router
 

@@ -8,7 +8,6 @@ import pathlib
 import subprocess
 import sys
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 

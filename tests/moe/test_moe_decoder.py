@@ -13,13 +13,13 @@ import pytest
 from flax import nnx
 
 from pikv_jax.api import PiKVModel
+from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args, moe_overrides
 from pikv_jax.config import PRESETS, ModelConfig
-from pikv_jax.runtime import forward
 from pikv_jax.models.hf_loader import save_hf_folder
 from pikv_jax.models.moe_llama import moe_aux_loss, moe_layers, moe_stats
 from pikv_jax.models.weights import abstract_model, build_model, expected_hf_names, model_to_hf_weights
 from pikv_jax.moe import PiKVMoE
-from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args, moe_overrides
+from pikv_jax.runtime import forward
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 

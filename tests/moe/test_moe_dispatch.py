@@ -7,8 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pikv_jax.moe.dispatch import (capacity_dispatch, expert_capacity, scatter_gates, sort_by_expert,
-                                   tokens_per_expert, unsort_and_combine)
+from pikv_jax.moe.dispatch import (
+    capacity_dispatch,
+    expert_capacity,
+    scatter_gates,
+    sort_by_expert,
+    tokens_per_expert,
+    unsort_and_combine,
+)
 
 
 def _random_routing(seed, t, e, k, p_inactive=0.0):

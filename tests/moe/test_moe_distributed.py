@@ -4,7 +4,6 @@ the device count must be fixed before jax starts (this process has one device)."
 from __future__ import annotations
 
 import pytest
-
 from moe_helpers import HERE, run_with_devices
 
 

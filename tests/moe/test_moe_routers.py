@@ -126,7 +126,8 @@ def test_flex_with_and_without_modalities():
 
 @pytest.mark.parametrize("info,match", [
     ({"image": jnp.zeros((2, 12, 5))}, r"modality_info\['image'\] has shape \(2, 12, 5\)"),
-    ({"image": jnp.zeros((24, 6))}, r"expected \(2, 12, 6\) \(per token\) or \(2, 6\) \(per sequence\)"),
+    ({"image": jnp.zeros((24, 6))},
+     r"expected \(2, 12, 6\) \(per token\), \(2, 6\) \(per sequence\) or \(12, 6\) \(per position\)"),
     ({"audio": jnp.zeros((2, 12, 4))}, "unknown modalities"),
 ])
 def test_flex_rejects_bad_modalities(info, match):

@@ -8,8 +8,15 @@ from flax import nnx
 
 from pikv_jax.moe.routers.adaptive import AdaptiveRouter
 from pikv_jax.moe.routers.balanced import TopKBalancedRouter
-from pikv_jax.moe.routers.base import (GATINGS, BaseRouter, RouterExtraParam, RouterState, Routing, TopKRouter,
-                                       top_k_gating)
+from pikv_jax.moe.routers.base import (
+    GATINGS,
+    BaseRouter,
+    RouterExtraParam,
+    RouterState,
+    Routing,
+    TopKRouter,
+    top_k_gating,
+)
 from pikv_jax.moe.routers.eplb import EPLBRouter, ExpertBias, ExpertLoad, eplb_bias_update
 from pikv_jax.moe.routers.fast import FastMoERouter
 from pikv_jax.moe.routers.flex import FlexMoERouter

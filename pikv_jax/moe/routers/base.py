@@ -93,19 +93,25 @@ def renormalize(gates, active):
 def per_token_features(name: str, value, lead: tuple[int, ...], feature_dim: int | None):
     """Validates an extra router input and flattens it to [T, D] (or [T] when feature_dim is None).
 
-    Accepted shapes: per token `lead + (D,)`, or per sequence `(B, D)` when x is [B, S, H]
-    (broadcast over the sequence). Anything else raises, naming the argument and the shapes allowed.
+    Accepted shapes: per token `lead + (D,)`; when x is [B, S, H] also per sequence `(B, D)`
+    (broadcast over the sequence) and per position `(S, D)` (broadcast over the batch; the seed's
+    timestamps are one vector for all rows). Per token wins when B == S. Anything else raises, naming
+    the argument and the shapes allowed.
     """
     value = jnp.asarray(value)
     tail = () if feature_dim is None else (feature_dim,)
     per_token = tuple(lead) + tail
     per_seq = (lead[0],) + tail if len(lead) == 2 else None
+    per_pos = (lead[1],) + tail if len(lead) == 2 else None
     if value.shape == per_token:
         pass
     elif per_seq is not None and value.shape == per_seq:
         value = jnp.broadcast_to(value[:, None], per_token)
+    elif per_pos is not None and value.shape == per_pos:
+        value = jnp.broadcast_to(value[None], per_token)
     else:
-        allowed = f"{per_token} (per token)" + (f" or {per_seq} (per sequence)" if per_seq else "")
+        allowed = f"{per_token} (per token)" + (f", {per_seq} (per sequence) or {per_pos} (per position)"
+                                                 if per_seq else "")
         raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {allowed}")
     if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(value.dtype, jnp.integer):
         raise ValueError(f"{name} must be a numeric array, got dtype {value.dtype}")
@@ -230,8 +236,23 @@ class BaseRouter(nnx.Module):
             raise ValueError(f"capacity must be >= 1, got {cap}")
         return routing, capacity_dispatch(routing.expert_idx, routing.gates, routing.active, self.num_experts, cap)
 
-    def __call__(self, x, *, training: bool = False, key=None, capacity: int | None = None, **inputs):
-        """-> (dispatch f32[T, E, C], combine f32[T, E, C], probs f32[T, E], aux_loss f32[])."""
+    def positional_inputs(self, extra) -> dict[str, Any]:
+        """The seed's positional extra input, `router(x, modality_info)` / `router(x, time_info)`, as
+        keyword inputs: a dict whose keys are all inputs this router accepts is spread
+        ({"timestamps": t, "seasonality": s}); anything else is this router's single accepted input."""
+        if isinstance(extra, Mapping) and extra and all(k in self.accepts for k in extra):
+            return dict(extra)
+        if len(self.accepts) == 1:
+            return {self.accepts[0]: extra}
+        raise ValueError(f"router {self.kind!r} takes {list(self.accepts) or 'no extra inputs'}; pass them by "
+                         "keyword or as a dict keyed by those names")
+
+    def __call__(self, x, extra=None, *, training: bool = False, key=None, capacity: int | None = None, **inputs):
+        """-> (dispatch f32[T, E, C], combine f32[T, E, C], probs f32[T, E], aux_loss f32[]).
+
+        `extra`: the seed's positional extra input (see `positional_inputs`); keywords work too."""
+        if extra is not None:
+            inputs = dict(self.positional_inputs(extra), **inputs)
         routing, plan = self.plan(x, training=training, key=key, capacity=capacity, **inputs)
         return plan.dispatch, plan.combine, routing.probs, routing.aux_loss
 

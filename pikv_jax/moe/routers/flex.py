@@ -26,6 +26,11 @@ class FlexMoERouter(BaseRouter):
          text-only call routes exactly like the base top-k router on the same gate.
       3. Top-k gating, Switch load balance and z-loss as `BaseRouter`.
     Unknown modality names and features of the wrong shape raise ValueError.
+
+    Without `modality_dims` (the seed builds `create_moe_router('flex', hidden_size=...)` and then
+    passes image / genomic embeddings of the hidden width), any modality name is accepted and its
+    features, f32[..., hidden_size], are scored by the token gate itself: logits += feat_m @ W_gate,
+    i.e. the modality embeddings live in the token space and need no parameters of their own.
     """
 
     kind: ClassVar[str] = "flex"
@@ -53,6 +58,11 @@ class FlexMoERouter(BaseRouter):
             return logits
         if not isinstance(info, Mapping):
             raise ValueError(f"modality_info must be a dict of arrays, got {type(info).__name__}")
+        if not self.modality_dims:  # shared gate: modality embeddings in the token space
+            for name in sorted(info):
+                f2 = per_token_features(f"modality_info[{name!r}]", info[name], inputs["_lead"], self.hidden_size)
+                logits = logits + self.gate(f2.astype(self.dtype)).astype(jnp.float32)
+            return logits
         known = [name for name, _ in self.modality_dims]
         unknown = sorted(set(info) - set(known))
         if unknown:

@@ -31,11 +31,13 @@ class TimeMoERouter(BaseRouter):
          phi[T, 1 + 2P] = (t / time_scale, sin(2 pi t / P_i), cos(2 pi t / P_i)) for `periods` P_i
          (defaults: daily and weekly seasonality in hours), and logits += phi @ W_time[1 + 2P, E].
          Without timestamps the term is absent: the router is the base top-k router.
-      3. Top-k gating, Switch load balance and z-loss as `BaseRouter`.
+      3. With `seasonality` (a caller's own per-token seasonal signal, f32 [...] as timestamps):
+         logits += seasonality[:, None] * w_season[E] (the seed's `time_info["seasonality"]`).
+      4. Top-k gating, Switch load balance and z-loss as `BaseRouter`.
     """
 
     kind: ClassVar[str] = "time"
-    accepts: ClassVar[tuple[str, ...]] = ("timestamps",)
+    accepts: ClassVar[tuple[str, ...]] = ("timestamps", "seasonality")
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
                  periods: Sequence[float] = (24.0, 168.0), time_scale: float = 1000.0,
@@ -50,11 +52,15 @@ class TimeMoERouter(BaseRouter):
         self.periods, self.time_scale = periods, float(time_scale)
         f = 1 + 2 * len(periods)
         self.time_proj = RouterExtraParam(jax.random.normal(rngs.params(), (f, num_experts), jnp.float32) * f ** -0.5)
+        self.season_proj = RouterExtraParam(jax.random.normal(rngs.params(), (num_experts,), jnp.float32))
 
     def _logits(self, x2, inputs):
         logits = super()._logits(x2, inputs)
-        ts = inputs.get("timestamps")
-        if ts is None:
-            return logits
-        t = per_token_features("timestamps", ts, inputs["_lead"], None)
-        return logits + time_features(t, self.periods, self.time_scale) @ self.time_proj[...]
+        ts, season = inputs.get("timestamps"), inputs.get("seasonality")
+        if ts is not None:
+            t = per_token_features("timestamps", ts, inputs["_lead"], None)
+            logits = logits + time_features(t, self.periods, self.time_scale) @ self.time_proj[...]
+        if season is not None:
+            z = per_token_features("seasonality", season, inputs["_lead"], None)
+            logits = logits + z[:, None] * self.season_proj[...]
+        return logits
