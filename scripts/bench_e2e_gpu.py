@@ -29,78 +29,27 @@ import functools  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
+from optional_deps import stub_missing_optional_deps  # noqa: E402
 
-def _stub_missing_optional_deps(names=("tokenizers", "gguf", "safetensors")) -> list[str]:
-    """`import pikv_jax` pulls in the tokenizer, which imports Hugging Face `tokenizers`; this benchmark
-    uses random token ids and needs only jax / flax / numpy, so an optional dependency that is not
-    installed (the device machine has no gguf) is replaced by a stub that fails only when used."""
-    import importlib.util
-    import sys
-    import types
-
-    stubbed = []
-    for name in names:
-        if name in sys.modules or importlib.util.find_spec(name) is not None:
-            continue
-        mod = types.ModuleType(name)
-
-        def missing(attr, _name=name):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def fail(*a, **k):
-                raise ImportError(f"{_name} is not installed (stubbed by the benchmark script)")
-            return type(attr, (), {"__init__": fail, "from_file": staticmethod(fail), "from_str": staticmethod(fail)})
-
-        mod.__getattr__ = missing
-        sys.modules[name] = mod
-        stubbed.append(name)
-    return stubbed
-
-
-STUBBED = _stub_missing_optional_deps()
+STUBBED = stub_missing_optional_deps()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pikv_jax.bench import machine_info, write_json  # noqa: E402
+from pikv_jax.bench import device_and_ceiling, machine_info, write_json  # noqa: E402
 from pikv_jax.cache.policies import make_policy  # noqa: E402
 from pikv_jax.cache.policies.base import CachePolicy  # noqa: E402
 from pikv_jax.cache.state import KVCache, LayerCache, tree_nbytes  # noqa: E402
 from pikv_jax.compress.kivi import QuantizedPolicy  # noqa: E402
 from pikv_jax.config import preset, tiny_config  # noqa: E402
-from pikv_jax.generate import RUNNING, DecodeState, GenerationLoop  # noqa: E402
 from pikv_jax.kernels import common  # noqa: E402
 from pikv_jax.models.llama import CausalLM  # noqa: E402
+from pikv_jax.runtime.generate import RUNNING, DecodeState, GenerationLoop  # noqa: E402
 from pikv_jax.sampling import SamplingConfig  # noqa: E402
 
 CONFIGS = ("full", "budget25", "int4", "budget25_int4")
-
-
-def card_name() -> str:
-    import re
-
-    kind = jax.devices()[0].device_kind.lower()
-    m = re.search(r"(h100|h200|h800|a100|a10g|l40s|l4|b200|gb200|v100|tpu v\w+)", kind)
-    return re.sub(r"[^a-z0-9]+", "", m.group(1) if m else kind) or "unknown"
-
-
-def copy_bandwidth(nbytes: int) -> dict:
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    scale = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
-    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    out = {}
-    for name, fn, moved in (("copy", scale, 2 * nbytes), ("read", read, nbytes)):
-        jax.block_until_ready(fn(x))
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(x))
-            ts.append(time.perf_counter() - t0)
-        out[f"{name}_GBps"] = moved / float(np.median(ts)) / 1e9
-    return dict(out, bytes=nbytes, how="jitted bf16 x * 1.0001 (read + write) and a bf16 sum (read)")
 
 
 def random_params(cfg, dtype, seed: int = 0):
@@ -258,13 +207,10 @@ def main():
     args = ap.parse_args()
     args.context = args.context or (1024 if args.quick else 32768)
     t_start = time.perf_counter()
-    card = card_name()
     cfg = (tiny_config("llama", num_hidden_layers=2, hidden_size=128, intermediate_size=128) if args.quick
            else preset("llama3-8b"))  # quick: head_dim 32, so KIVI groups of 32 fit
-    print(f"device {jax.devices()[0].device_kind} ({card}), jax {jax.__version__}; model "
-          f"{'tiny' if args.quick else 'llama3-8b'}, context {args.context}")
-    bw = copy_bandwidth((64 if args.quick else 2048) * 2**20)
-    print(f"copy {bw['copy_GBps']:.0f} GB/s, read {bw['read_GBps']:.0f} GB/s")
+    card, bw = device_and_ceiling(args.quick)
+    print(f"model {'tiny' if args.quick else 'llama3-8b'}, context {args.context}")
     t0 = time.perf_counter()
     graphdef, params = random_params(cfg, jnp.bfloat16)
     jax.block_until_ready(params)
@@ -293,8 +239,9 @@ def main():
         if impl == "pallas" and (name, "xla", batch) in by:
             comparisons.append(dict(config=name, batch=batch,
                                     x_xla=by[(name, "xla", batch)]["ms_per_step"] / r["ms_per_step"]))
-    payload = {"benchmark": "e2e_decode", "card": card, "stubbed_missing_modules": STUBBED, "model": "tiny" if args.quick else "llama3-8b",
-               "weights": "random bf16 (std 1/sqrt(fan_in), norms 1)", "machine": machine_info(), "bandwidth": bw,
+    payload = {"benchmark": "e2e_decode", "card": card, "stubbed_missing_modules": STUBBED,
+               "model": "tiny" if args.quick else "llama3-8b", "weights": "random bf16 (std 1/sqrt(fan_in), norms 1)",
+               "machine": machine_info(), "bandwidth": bw,
                "param_bytes": param_bytes, "init_s": init_s, "context": args.context, "steps": args.steps,
                "rows": rows, "pallas_vs_xla": comparisons, "skipped": skipped,
                "method": ("cache built directly with random keys/values at `context` positions (no prefill); "

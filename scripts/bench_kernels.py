@@ -16,7 +16,7 @@ the run goes on):
 - quant_pack: quantize-and-pack of 32 tokens (a ring flush) and of a 32k-token prompt, with the
   fraction of bit-identical codes.
 - snapkv_scoring: the XLA window scoring at a 32k prompt against one layer's prefill attention,
-  the measurement behind "a kernel does not pay" (kernels/window_scores.py).
+  the measurement behind "a kernel does not pay" (kernels/__init__.py).
 Timings: median over repeats of the mean of back-to-back calls (async dispatch keeps the device
 busy), after compilation and warm-up. Bytes: what the function must read (and write), see each row.
 """
@@ -25,50 +25,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from optional_deps import stub_missing_optional_deps
 
+STUBBED = stub_missing_optional_deps()
 
-def _stub_missing_optional_deps(names=("tokenizers", "gguf", "safetensors")) -> list[str]:
-    """`import pikv_jax` pulls in the tokenizer, which imports Hugging Face `tokenizers`; this benchmark
-    uses random token ids and needs only jax / flax / numpy, so an optional dependency that is not
-    installed (the device machine has no gguf) is replaced by a stub that fails only when used."""
-    import importlib.util
-    import sys
-    import types
-
-    stubbed = []
-    for name in names:
-        if name in sys.modules or importlib.util.find_spec(name) is not None:
-            continue
-        mod = types.ModuleType(name)
-
-        def missing(attr, _name=name):
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-
-            def fail(*a, **k):
-                raise ImportError(f"{_name} is not installed (stubbed by the benchmark script)")
-            return type(attr, (), {"__init__": fail, "from_file": staticmethod(fail), "from_str": staticmethod(fail)})
-
-        mod.__getattr__ = missing
-        sys.modules[name] = mod
-        stubbed.append(name)
-    return stubbed
-
-
-STUBBED = _stub_missing_optional_deps()
-
-from pikv_jax.attention import reference as ref_attn  # noqa: E402 - after the stubs
-from pikv_jax.bench import machine_info, write_json  # noqa: E402
-from pikv_jax.kernels import quant  # noqa: E402
-from pikv_jax.compress.kivi import init_quantized_layer, quantized_attention_reference  # noqa: E402
-from pikv_jax.kernels import common  # noqa: E402
+from pikv_jax.attention import dispatch  # noqa: E402 - after the stubs
+from pikv_jax.attention import reference as ref_attn  # noqa: E402
+from pikv_jax.bench import device_and_ceiling, machine_info, timed, write_json  # noqa: E402
+from pikv_jax.cache.policies.base import PrefillContext  # noqa: E402
+from pikv_jax.cache.policies.quest import page_bounds  # noqa: E402
+from pikv_jax.cache.policies.scoring import window_probs  # noqa: E402
+from pikv_jax.cache.quantized import init_quantized_layer  # noqa: E402
+from pikv_jax.cache.state import LayerCache  # noqa: E402
+from pikv_jax.kernels import common, quant  # noqa: E402
 from pikv_jax.kernels import decode_attention as da  # noqa: E402
 from pikv_jax.kernels import quant_pack as qp  # noqa: E402
 from pikv_jax.kernels import quantized_attention as qa  # noqa: E402
@@ -85,39 +59,6 @@ def on_gpu() -> bool:
 def do_sweep(args) -> bool:
     """Tiling sweeps run on a GPU (full shapes) or when asked (--sweep), while time allows."""
     return (args.sweep or (on_gpu() and not args.quick)) and time.perf_counter() < args.sweep_deadline
-
-
-def card_name() -> str:
-    kind = jax.devices()[0].device_kind.lower()
-    m = re.search(r"(h100|h200|h800|a100|a10g|l40s|l4|b200|gb200|v100|tpu v\w+)", kind)
-    name = m.group(1) if m else kind
-    return re.sub(r"[^a-z0-9]+", "", name) or "unknown"
-
-
-def timed(fn, *args, iters: int = 10, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean seconds of `iters` back-to-back calls (compiled, warm)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = None
-        for _ in range(iters):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / iters)
-    return float(np.median(ts))
-
-
-def copy_bandwidth(nbytes: int) -> dict:
-    """The copy ceiling: a jitted bf16 scale (read + write), as in ARCHITECTURE.md section 5."""
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    scale = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
-    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    t_copy, t_read = timed(scale, x), timed(read, x)
-    del x
-    return {"copy_GBps": 2 * nbytes / t_copy / 1e9, "read_GBps": nbytes / t_read / 1e9, "bytes": nbytes,
-            "how": "jitted bf16 x * 1.0001 (read + write) and a bf16 sum (read)"}
 
 
 def rate(nbytes: float, seconds: float, copy: float) -> dict:
@@ -181,9 +122,11 @@ def _quantized_from(k, v, *, bits, group, ring, dtype):
                          ring_count=jnp.full((b, hk), ring, jnp.int32))
 
 
-def quantized_bytes(cache) -> int:
-    return sum(int(x.nbytes) for x in (cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale, cache.v_min,
-                                       cache.k_res, cache.v_res, cache.pos))
+def quantized_arrays(cache):
+    """(arrays, layout): the cache as the kernel and its reference take it."""
+    arrays = (cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale, cache.v_min, cache.k_res, cache.v_res,
+              cache.pos)
+    return arrays, dict(bits=cache.bits, group_size=cache.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +192,7 @@ def bench_decode(args, copy, results):
                                  pallas=rate(used, timed(pallas, q, k, v, rpos, rq), copy))
             try:  # jax's stock Pallas GPU decode attention (no mass output), for scale
                 if on_gpu():
+                    # lazy: a GPU-only Pallas op, imported only where it runs
                     from jax.experimental.pallas.ops.gpu import decode_attention as stock
 
                     kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, C, Hkv, D], outside the timing
@@ -276,13 +220,15 @@ def bench_quantized(args, copy, results, bits):
     del k, v
     q = jax.random.normal(jax.random.key(40), (b, h, d), dtype)
     q_pos = jnp.full((b,), cache.capacity, jnp.int32)
-    nbytes = quantized_bytes(cache)
-    xla = jax.jit(quantized_attention_reference)
-    pallas = jax.jit(qa.quantized_decode_attention)
-    o_ref, m_ref = xla(q, cache, q_pos)
-    o_k, m_k = pallas(q, cache, q_pos)
+    arrays, layout = quantized_arrays(cache)
+    inputs = (q, *arrays, q_pos)
+    nbytes = sum(int(x.nbytes) for x in arrays)
+    xla = jax.jit(functools.partial(qa.reference, **layout))
+    pallas = jax.jit(functools.partial(qa.quantized_decode_attention, **layout))
+    o_ref, m_ref = xla(*inputs)
+    o_k, m_k = pallas(*inputs)
     check = compare(o_k, o_ref, m_k, m_ref, 4e-2, 2e-2)  # bf16 dequantized tiles vs an f32 reference
-    t_xla, t_pal = timed(xla, q, cache, q_pos), timed(pallas, q, cache, q_pos)
+    t_xla, t_pal = timed(xla, *inputs), timed(pallas, *inputs)
     bf16_bytes = 2 * b * hk * cache.capacity * d * 2
     row = dict(bits=bits, B=b, bytes_read=nbytes, bf16_bytes_same_tokens=bf16_bytes, bytes_ratio=bf16_bytes / nbytes,
                check=check, xla_dequantize_then_attend=rate(nbytes, t_xla, copy), pallas=rate(nbytes, t_pal, copy),
@@ -292,10 +238,10 @@ def bench_quantized(args, copy, results, bits):
         for bk, w, st in [(64, 8, 2), (64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 8, 3), (128, 8, 3)]:
             cfg = dict(block_k=bk, num_warps=w, num_stages=st)
             try:
-                fn = jax.jit(functools.partial(qa.quantized_decode_attention, **cfg))
-                o2, m2 = fn(q, cache, q_pos)
+                fn = jax.jit(functools.partial(qa.quantized_decode_attention, **layout, **cfg))
+                o2, m2 = fn(*inputs)
                 ok = compare(o2, o_ref, m2, m_ref, 4e-2, 2e-2)["ok"]
-                sweep.append(dict(cfg, ok=ok, **rate(nbytes, timed(fn, q, cache, q_pos), copy)))
+                sweep.append(dict(cfg, ok=ok, **rate(nbytes, timed(fn, *inputs), copy)))
             except Exception as e:  # noqa: BLE001
                 sweep.append(dict(cfg, error=f"{type(e).__name__}: {str(e)[:300]}"))
         row["sweep"] = sweep
@@ -321,8 +267,6 @@ def bench_quest(args, copy, results):
     dtype = jnp.bfloat16
     k, v, pos = full_cache(jax.random.key(50), b, hk, c, d, dtype)
     q = jax.random.normal(jax.random.key(51), (b, h, d), dtype)
-    from pikv_jax.cache.policies.quest import page_bounds
-
     pmin, pmax = jax.jit(page_bounds, static_argnums=2)(k, pos, ps)
     n = c // ps
     nonempty = jnp.ones((b, hk, n), bool)
@@ -339,9 +283,6 @@ def bench_quest(args, copy, results):
                            pallas=rate(bound_bytes, timed(sel_p, q, pmin, pmax, nonempty, newest), copy)))
     out["select"]["x_xla"] = out["select"]["xla"]["ms"] / out["select"]["pallas"]["ms"]
     table = pr  # attention over the reference's pages
-    from pikv_jax.attention import dispatch
-    from pikv_jax.cache.state import LayerCache
-
     cache = LayerCache(k=k, v=v, pos=pos, score=jnp.zeros(pos.shape, jnp.float32))
     q_pos = jnp.full((b,), c - 1, jnp.int32)
     att_x = jax.jit(functools.partial(dispatch.paged_decode_attention, page_size=ps, impl="xla"))
@@ -389,9 +330,6 @@ def bench_quant_pack(args, copy, results):
 
 def bench_snapkv(args, copy, results):
     """XLA window scoring (w = 64) vs one layer's prefill attention at the same prompt length."""
-    from pikv_jax.cache.policies.base import PrefillContext
-    from pikv_jax.cache.policies.scoring import window_probs
-
     s = 2048 if args.quick else 32768
     h, hk, d = (8, 2, 64) if args.quick else (32, 8, 128)
     key = jax.random.split(jax.random.key(70), 3)
@@ -453,11 +391,8 @@ def main():
     args = ap.parse_args()
     t_start = time.perf_counter()
     args.sweep_deadline = t_start + args.sweep_until
-    card = card_name()
-    print(f"device: {jax.devices()[0].device_kind} ({card}), jax {jax.__version__}, platform {common.platform()}")
-    bw = copy_bandwidth((64 if args.quick else 2048) * 2**20)
+    card, bw = device_and_ceiling(args.quick)
     copy = bw["copy_GBps"]
-    print(f"copy ceiling {copy:.0f} GB/s (read {bw['read_GBps']:.0f} GB/s)")
     results: dict = {}
     for name in args.sections:
         if name == "decode_bf16":
@@ -490,8 +425,8 @@ def main():
     if "pallas" in q4:
         goals["int4_faster_than_bf16"] = dict(x_pallas_bf16=q4.get("x_pallas_bf16"),
                                               met=(q4.get("x_pallas_bf16") or 0) > 1.0)
-    payload = {"benchmark": "kernels", "card": card, "stubbed_missing_modules": STUBBED, "machine": machine_info(), "bandwidth": bw,
-               "quick": args.quick, "goals": goals, "results": results,
+    payload = {"benchmark": "kernels", "card": card, "stubbed_missing_modules": STUBBED, "machine": machine_info(),
+               "bandwidth": bw, "quick": args.quick, "goals": goals, "results": results,
                "impl_auto_on_gpu": common.resolve_impl("auto"),
                "notes": ["GB/s count the bytes each function must read (decode: K+V of the resident slots; "
                          "quantized: codes, scales, minimums, ring and positions); fraction_of_copy divides by "

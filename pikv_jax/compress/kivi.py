@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from pikv_jax.attention import dispatch, reference
+from pikv_jax.attention import dispatch
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.quantized import QuantizedLayerCache, init_quantized_layer
 from pikv_jax.cache.state import EMPTY, LayerCache, init_layer_cache
@@ -260,11 +260,3 @@ class QuantizedPolicy(CachePolicy):
 
     def observe(self, layer, cache, mass, q_pos, active):
         return self.inner.observe(layer, cache, mass, q_pos, active)
-
-
-def quantized_attention_reference(q, cache: QuantizedLayerCache, q_pos, *, sliding_window=None, group_reduce="mean"):
-    """Dequantize-then-attend reference: (out [B, H, D], mass f32[B, Hkv, Cq + R])."""
-    k, v = cache.dense_kv(jnp.float32)
-    out, mass = reference.decode_attention(q.astype(jnp.float32), k, v, cache.pos, q_pos,
-                                           sliding_window=sliding_window, group_reduce=group_reduce)
-    return out.astype(q.dtype), mass

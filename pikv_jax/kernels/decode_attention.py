@@ -1,6 +1,9 @@
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b h d" are not forward references)
 """Decode attention over a slot-ordered cache that also returns the per-slot attention mass.
 
-Reference: `pikv_jax.attention.reference.decode_attention` (re-exported here as `reference`).
+Reference: `pikv_jax.attention.reference.decode_attention` (re-exported here as `reference`). The
+online softmax (running statistics, partials, their log-sum-exp merge) is in kernels/common.py.
 
 One query per row against k, v: [B, Hkv, C, D], pos: i32[B, Hkv, C] (-1 = empty, slots in any
 order). Returns (out [B, H, D], mass f32[B, Hkv, C]) where mass is each slot's softmax probability
@@ -39,90 +42,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Float32, Int, Shaped
 
 from pikv_jax.attention import reference as _reference
-from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
+from pikv_jax.attention.reference import visible
 from pikv_jax.kernels import common
+from pikv_jax.kernels.common import Partials
+from pikv_jax.kernels.quest import tpu_paged_partials
 
 reference = _reference.decode_attention
-GPU_MIN_ROWS = 16  # tensor-core dot needs M >= 16: query groups are padded to this many rows
-TPU_MIN_ROWS = 8  # sublanes
-
-
-class Partials(NamedTuple):
-    """One segment of slots, attended by one kernel call.
-
-    o: f32[B, Hkv, S, G', D] unnormalised partial outputs (G' >= G rows, the first G real);
-    m, l: f32[B, Hkv, S, G'] running max and sum per split;
-    logits: f32[B, Hkv, G', N] scaled logits (-inf where invisible; slots >= limit unspecified);
-    limit: i32[B, Hkv]: slots at or past it are treated as empty.
-    """
-
-    o: jax.Array
-    m: jax.Array
-    l: jax.Array
-    logits: jax.Array
-    limit: jax.Array
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared helpers
-
-
-def slot_limit(pos) -> jax.Array:
-    """i32[B, Hkv]: one past the last used slot (0 for an empty row); slots after it are skipped."""
-    c = pos.shape[-1]
-    return jnp.max(jnp.where(pos >= 0, jnp.arange(1, c + 1, dtype=jnp.int32), 0), axis=-1)
-
-
-def q_positions(q_pos, batch: int, num_kv_heads: int) -> jax.Array:
-    """q_pos i32[B] or i32[B, Hkv] -> i32[B, Hkv]."""
-    q_pos = jnp.asarray(q_pos, jnp.int32)
-    if q_pos.ndim == 1:
-        q_pos = q_pos[:, None]
-    return jnp.broadcast_to(q_pos, (batch, num_kv_heads))
-
-
-def group_query(q, num_kv_heads: int, rows: int):
-    """q [B, H, D] -> [B, Hkv, rows, D] (the group padded with zero rows)."""
-    b, h, d = q.shape
-    g = h // num_kv_heads
-    qg = q.reshape(b, num_kv_heads, g, d)
-    return qg if rows == g else jnp.pad(qg, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
-
-
-def online_update(s, m_prev, l_prev):
-    """Flash-attention running statistics for a block of scaled logits s [R, N] (-inf = masked);
-    m_prev, l_prev: [R, 1]. m starts at NEG_INF (finite), so rows with nothing visible keep
-    m = NEG_INF, alpha = 1, p = 0. Returns (p [R, N], alpha [R, 1], m_new [R, 1], l_new [R, 1])."""
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
-    return p, alpha, m_new, alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-
-
-def finish(parts: list[Partials], *, group: int, group_reduce: str, out_dtype):
-    """Merges the partials of one or more segments (log-sum-exp) -> (out [B, Hkv * G, D], mass
-    f32[B, Hkv, sum of segment lengths]) exactly as the reference defines them: rows with nothing
-    visible give out = 0 and mass = 0."""
-    m = jnp.concatenate([p.m[..., :group] for p in parts], axis=2)  # [B, Hkv, S, G]
-    l = jnp.concatenate([p.l[..., :group] for p in parts], axis=2)
-    o = jnp.concatenate([p.o[..., :group, :] for p in parts], axis=2)  # [B, Hkv, S, G, D]
-    big_m = jnp.max(m, axis=2)  # [B, Hkv, G]
-    w = jnp.exp(m - big_m[:, :, None])
-    big_l = jnp.sum(l * w, axis=2)
-    ok = big_l > 0
-    inv_l = jnp.where(ok, 1.0 / jnp.where(ok, big_l, 1.0), 0.0)
-    out = jnp.sum(o * w[..., None], axis=2) * inv_l[..., None]  # [B, Hkv, G, D]
-    b, hk, g, d = out.shape
-    masses = []
-    for p in parts:
-        n = p.logits.shape[-1]
-        probs = jnp.exp(p.logits[:, :, :group] - big_m[..., None]) * inv_l[..., None]  # [B, Hkv, G, N]
-        in_range = jnp.arange(n, dtype=jnp.int32)[None, None, None, :] < p.limit[:, :, None, None]
-        masses.append(reduce_group(jnp.where(in_range, probs, 0.0), group_reduce, axis=2))
-    mass = masses[0] if len(masses) == 1 else jnp.concatenate(masses, axis=-1)
-    return out.reshape(b, hk * g, d).astype(out_dtype), mass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +59,7 @@ def finish(parts: list[Partials], *, group: int, group_reduce: str, out_dtype):
 
 def _gpu_kernel(qpos_ref, lim_ref, q_ref, k_ref, v_ref, pos_ref, *rest, block_k: int, split_len: int, group: int,
                 window: int | None, scale: float, page_size: int | None, pos_offset: int, num_pages: int):
-    from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas import triton as plgpu  # lazy: platform-specific Pallas backend
 
     if page_size is None:
         o_ref, m_ref, l_ref, lg_ref = rest
@@ -143,7 +71,7 @@ def _gpu_kernel(qpos_ref, lim_ref, q_ref, k_ref, v_ref, pos_ref, *rest, block_k:
     q = plgpu.load(q_ref, mask=(jnp.arange(gp) < group)[:, None], other=0)
     start0 = pl.program_id(2) * split_len
     todo = jnp.minimum(lim - start0, split_len)
-    n_blocks = jnp.maximum((todo + block_k - 1) // block_k, 0)
+    n_blocks = jnp.maximum(common.cdiv(todo, block_k), 0)
     row_ok = (jnp.arange(gp) < group)[:, None]
     cols = jnp.arange(d)
 
@@ -169,16 +97,12 @@ def _gpu_kernel(qpos_ref, lim_ref, q_ref, k_ref, v_ref, pos_ref, *rest, block_k:
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
         s = jnp.where(visible(qp, p, window)[None, :], s, -jnp.inf)  # [Gp, bk]
         plgpu.store(lg_ref.at[:, pl.ds(start, block_k)], s, mask=row_ok & in_range[None, :])
-        pr, alpha, m, l = online_update(s, m, l)
+        pr, alpha, m, l = common.online_update(s, m, l)
         v = plgpu.load(v_at, mask=ok[:, None], other=0)
         acc = acc * alpha + jnp.dot(pr.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m, l
 
-    init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp, 1), NEG_INF, jnp.float32), jnp.zeros((gp, 1), jnp.float32))
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m.reshape(gp)
-    l_ref[...] = l.reshape(gp)
+    common.gpu_online_loop(n_blocks, body, o_ref, m_ref, l_ref)
 
 
 def gpu_block_k(head_dim: int, itemsize: int) -> int:
@@ -194,37 +118,56 @@ def gpu_num_splits(batch: int, num_kv_heads: int, length: int, block_k: int, min
     return int(max(1, min(common.cdiv(target, batch * num_kv_heads), most)))
 
 
+def gpu_split_grid(batch: int, num_kv_heads: int, length: int, block_k: int, num_splits: int | None):
+    """(splits, split_len): `length` slots cut into splits of whole blocks, none of them empty."""
+    splits = num_splits or gpu_num_splits(batch, num_kv_heads, length, block_k)
+    split_len = common.cdiv(common.cdiv(length, splits), block_k) * block_k
+    return common.cdiv(length, split_len), split_len
+
+
+def gpu_spec(*shape):
+    """BlockSpec of one (row, KV head) program of a (B, Hkv, S) grid: the whole of `shape`."""
+    return pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j) + (0,) * len(shape))
+
+
+def gpu_partial_outputs(batch: int, num_kv_heads: int, splits: int, group: int, rows: int, head_dim: int,
+                        length: int):
+    """(out_specs, out_shape) of a split-K Triton call: o f32[B, Hkv, S, G, D], m and l f32[B, Hkv, S, G]
+    and logits f32[B, Hkv, G, N], written in blocks of `rows` >= G rows masked to the G real ones."""
+    split = lambda *shape: pl.BlockSpec((None, None, None) + shape, lambda i, j, s: (i, j, s) + (0,) * len(shape))
+    stat = jax.ShapeDtypeStruct((batch, num_kv_heads, splits, group), jnp.float32)
+    specs = [split(rows, head_dim), split(rows), split(rows), gpu_spec(rows, length)]
+    shapes = [jax.ShapeDtypeStruct((batch, num_kv_heads, splits, group, head_dim), jnp.float32), stat, stat,
+              jax.ShapeDtypeStruct((batch, num_kv_heads, group, length), jnp.float32)]
+    return specs, shapes
+
+
 def _gpu_partials(q, k, v, pos, qpos, limit, *, window, interpret, block_k, num_splits, num_warps, num_stages,
                   pages=None, page_size=None, pos_offset=0) -> Partials:
     b, h, d = q.shape
     hk, c = k.shape[1], k.shape[2]
     g = h // hk
-    gp = max(GPU_MIN_ROWS, common.next_pow2(g))
+    gp = max(common.GPU_MIN_ROWS, common.next_pow2(g))
     n = c if pages is None else pages.shape[-1] * page_size  # slots in this view
     bk = block_k or gpu_block_k(d, k.dtype.itemsize)
     if page_size is not None:
         bk = max(bk, page_size)
-    splits = num_splits or gpu_num_splits(b, hk, n, bk)
-    split_len = common.cdiv(common.cdiv(n, splits), bk) * bk
-    splits = common.cdiv(n, split_len)  # no empty split
+    splits, split_len = gpu_split_grid(b, hk, n, bk, num_splits)
     kernel = functools.partial(_gpu_kernel, block_k=bk, split_len=split_len, group=g, window=window,
                                scale=d ** -0.5, page_size=page_size, pos_offset=pos_offset,
                                num_pages=0 if pages is None else pages.shape[-1])
-    bh = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j) + (0,) * len(shape))
-    in_specs = [bh(), bh(), bh(gp, d), bh(c, d), bh(c, d), bh(pos.shape[-1])]
+    in_specs = [gpu_spec(), gpu_spec(), gpu_spec(gp, d), gpu_spec(c, d), gpu_spec(c, d), gpu_spec(pos.shape[-1])]
     args = [qpos, limit, q.reshape(b, hk, g, d), k, v, pos]
     if pages is not None:
-        in_specs.append(bh(pages.shape[-1]))
+        in_specs.append(gpu_spec(pages.shape[-1]))
         args.append(pages)
-    split = lambda *shape: pl.BlockSpec((None, None, None) + shape, lambda i, j, s: (i, j, s) + (0,) * len(shape))
-    f32 = jnp.float32
-    o, m, l, logits = pl.pallas_call(  # outputs keep the G real rows: blocks of Gp rows are masked to them
+    out_specs, out_shape = gpu_partial_outputs(b, hk, splits, g, gp, d, n)
+    o, m, l, logits = pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
         in_specs=in_specs,
-        out_specs=[split(gp, d), split(gp), split(gp), bh(gp, n)],
-        out_shape=[jax.ShapeDtypeStruct((b, hk, splits, g, d), f32), jax.ShapeDtypeStruct((b, hk, splits, g), f32),
-                   jax.ShapeDtypeStruct((b, hk, splits, g), f32), jax.ShapeDtypeStruct((b, hk, g, n), f32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=common.gpu_compiler_params(num_warps or 4, num_stages or 2),
         interpret=common.interpret_arg("triton", interpret),
         name="pikv_decode_attention",
@@ -240,27 +183,19 @@ def _tpu_kernel(nblk_ref, qpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, 
                 block_k: int, capacity: int, group: int, window: int | None, scale: float):
     b, j = pl.program_id(0), pl.program_id(1)
     hk = q_ref.shape[0]
-
-    @pl.when(j == 0)
-    def _init():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
-        l_sc[...] = jnp.zeros_like(l_sc)
-
+    common.tpu_online_begin(j == 0, acc_sc, m_sc, l_sc)
     active = j < nblk_ref[b]
 
     @pl.when(active)
     def _step():
-        slot = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        in_range = slot < capacity
-        row_in_range = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < capacity
+        in_range, row_in_range = common.tpu_block_in_range(j, block_k, capacity)
         for h in range(hk):
             vis = visible(qpos_ref[b, h], pos_ref[pl.ds(h, 1), :], window) & in_range  # [1, bk]
             s = jax.lax.dot_general(q_ref[h], k_ref[h], (((1,), (1,)), ((), ())),
                                     preferred_element_type=jnp.float32) * scale  # [Gp, bk]
             s = jnp.where(vis, s, -jnp.inf)
             lg_ref[h] = s[:group]
-            p, alpha, m_new, l_new = online_update(s, m_sc[h][:, :1], l_sc[h][:, :1])
+            p, alpha, m_new, l_new = common.online_update(s, m_sc[h][:, :1], l_sc[h][:, :1])
             v = v_ref[h]
             if capacity % block_k:  # the last block is padded with unspecified data
                 v = jnp.where(row_in_range, v, jnp.zeros_like(v))
@@ -269,15 +204,8 @@ def _tpu_kernel(nblk_ref, qpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, 
             m_sc[h] = jnp.broadcast_to(m_new, m_sc.shape[1:])
             l_sc[h] = jnp.broadcast_to(l_new, l_sc.shape[1:])
 
-    @pl.when(jnp.logical_not(active))
-    def _skip():
-        lg_ref[...] = jnp.full(lg_ref.shape, -jnp.inf, jnp.float32)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _done():
-        o_ref[...] = acc_sc[...]
-        m_ref[...] = m_sc[...]
-        l_ref[...] = l_sc[...]
+    common.tpu_skip_logits(active, lg_ref)
+    common.tpu_online_end(j == pl.num_programs(1) - 1, acc_sc, m_sc, l_sc, o_ref, m_ref, l_ref)
 
 
 def tpu_block_k(capacity: int, num_kv_heads: int, head_dim: int, itemsize: int, budget: int = 8 << 20) -> int:
@@ -289,21 +217,21 @@ def tpu_block_k(capacity: int, num_kv_heads: int, head_dim: int, itemsize: int, 
 
 
 def _tpu_partials(q, k, v, pos, qpos, limit, *, window, interpret, block_k) -> Partials:
-    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import tpu as pltpu  # lazy: platform-specific Pallas backend
 
     b, h, d = q.shape
     hk, c = k.shape[1], k.shape[2]
     g = h // hk
-    gp = common.cdiv(g, TPU_MIN_ROWS) * TPU_MIN_ROWS
+    gp = common.cdiv(g, common.TPU_MIN_ROWS) * common.TPU_MIN_ROWS
     bk = block_k or tpu_block_k(c, hk, d, k.dtype.itemsize)
     nb = common.cdiv(c, bk)
-    nblk = (jnp.max(limit, axis=1) + bk - 1) // bk  # used blocks per row
+    nblk = common.cdiv(jnp.max(limit, axis=1), bk)  # used blocks per row
 
     def kv_map(i, j, nblk_ref, qpos_ref):
-        return i, 0, jnp.maximum(jnp.minimum(j, nblk_ref[i] - 1), 0), 0
+        return i, 0, common.used_block(j, nblk_ref[i]), 0
 
     def pos_map(i, j, nblk_ref, qpos_ref):
-        return i, 0, jnp.maximum(jnp.minimum(j, nblk_ref[i] - 1), 0)
+        return i, 0, common.used_block(j, nblk_ref[i])
 
     row = lambda *shape: pl.BlockSpec((None,) + shape, lambda i, j, *_: (i,) + (0,) * len(shape))
     f32 = jnp.float32
@@ -325,15 +253,12 @@ def _tpu_partials(q, k, v, pos, qpos, limit, *, window, interpret, block_k) -> P
         compiler_params=common.tpu_compiler_params(("parallel", "arbitrary")),
         interpret=common.interpret_arg("mosaic_tpu", interpret),
         name="pikv_decode_attention_tpu",
-    )(nblk.astype(jnp.int32), qpos, group_query(q, hk, gp), k, v, pos)
-    return Partials(o[:, :, None], m[:, :, None, :, 0], l[:, :, None, :, 0], logits, limit)
+    )(nblk.astype(jnp.int32), qpos, common.group_query(q, hk, gp), k, v, pos)
+    return common.tpu_partials(o, m, l, logits, limit)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
-
-
-FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def unsupported_reason(q, k, v, pos, backend: str) -> str | None:
@@ -343,7 +268,7 @@ def unsupported_reason(q, k, v, pos, backend: str) -> str | None:
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads"
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+        if jnp.dtype(x.dtype) not in common.FLOAT_DTYPES:
             return f"{name} dtype {x.dtype} (allowed: float32, bfloat16, float16)"
     d = q.shape[-1]
     if backend == "triton" and (not common.is_pow2(d) or d < 16):
@@ -361,8 +286,8 @@ def decode_partials(q, k, v, pos, q_pos, *, sliding_window=None, backend=None, i
     if reason:
         raise common.KernelUnsupported(f"decode attention: {reason}")
     b, hk = k.shape[:2]
-    qpos = q_positions(q_pos, b, hk)
-    limit = slot_limit(pos) if limit is None else jnp.asarray(limit, jnp.int32)
+    qpos = common.q_positions(q_pos, b, hk)
+    limit = common.slot_limit(pos) if limit is None else jnp.asarray(limit, jnp.int32)
     if backend == "triton":
         return _gpu_partials(q, k, v, pos, qpos, limit, window=sliding_window, interpret=interpret, block_k=block_k,
                              num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
@@ -382,7 +307,7 @@ class _Config(NamedTuple):
 def _forward(q, k, v, pos, q_pos, cfg: _Config):
     parts = decode_partials(q, k, v, pos, q_pos, sliding_window=cfg.window, backend=cfg.backend,
                             interpret=cfg.interpret, **dict(cfg.tuning))
-    return finish([parts], group=q.shape[1] // k.shape[1], group_reduce=cfg.group_reduce, out_dtype=q.dtype)
+    return common.finish([parts], group=q.shape[1] // k.shape[1], group_reduce=cfg.group_reduce, out_dtype=q.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -405,13 +330,15 @@ def _attend_bwd(cfg, res, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def decode_attention(q, k, v, pos, q_pos, *, sliding_window: int | None = None, group_reduce: str = "mean",
-                     backend: str | None = None, interpret: bool | None = None, **tuning):
+def decode_attention(q: Float[Array, "b h d"], k: Shaped[Array, "b hk c d"], v: Shaped[Array, "b hk c d"],
+                     pos: Int[Array, "b hk c"], q_pos: Int[Array, " b"] | Int[Array, "b hk"], *,
+                     sliding_window: int | None = None, group_reduce: str = "mean", backend: str | None = None,
+                     interpret: bool | None = None, **tuning) -> tuple[Float[Array, "b h d"], Float32[Array, "b hk c"]]:
     """Pallas decode attention with per-slot mass: same contract as `reference`.
 
-    q: [B, H, D]; k, v: [B, Hkv, C, D]; pos: i32[B, Hkv, C] (-1 = empty); q_pos: i32[B] or i32[B, Hkv].
-    Returns (out [B, H, D] in q's dtype, mass f32[B, Hkv, C]). `tuning`: block_k, num_splits,
-    num_warps, num_stages (GPU) or block_k (TPU); defaults are chosen from the shapes.
+    pos: -1 = empty slot. Returns (out in q's dtype, mass). `tuning`: block_k, num_splits, num_warps,
+    num_stages (GPU) or block_k (TPU); defaults are chosen from the shapes. k and v may hold any
+    dtype here so that an unsupported one raises KernelUnsupported naming the allowed dtypes.
     Differentiable in q, k, v (custom_vjp; the backward pass is the reference's, in XLA).
     """
     if group_reduce not in _reference.GROUP_REDUCTIONS:
@@ -420,12 +347,16 @@ def decode_attention(q, k, v, pos, q_pos, *, sliding_window: int | None = None, 
     return _attend(q, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(q_pos, jnp.int32), cfg)
 
 
-def paged_decode_attention(q, k, v, pos, q_pos, pages, page_size: int, *, sliding_window=None, group_reduce="mean",
-                           backend=None, interpret=None, block_k=None, num_splits=None, num_warps=None,
-                           num_stages=None):
-    """Attention over the pages listed in `pages` i32[B, Hkv, n] (-1 = skip) of a uniform cache
-    (Quest). Returns (out [B, H, D], mass f32[B, Hkv, n * page_size]) in page-table order: mass
-    [b, h, i * page_size + t] belongs to slot pages[b, h, i] * page_size + t."""
+def paged_decode_attention(q: Float[Array, "b h d"], k: Shaped[Array, "b hk c d"], v: Shaped[Array, "b hk c d"],
+                           pos: Int[Array, "b hk c"], q_pos: Int[Array, " b"] | Int[Array, "b hk"],
+                           pages: Int[Array, "b hk n"], page_size: int, *, sliding_window: int | None = None,
+                           group_reduce: str = "mean", backend: str | None = None, interpret: bool | None = None,
+                           block_k: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None) -> tuple[Float[Array, "b h d"], Float32[Array, "b hk m"]]:
+    """Attention over the pages listed in `pages` (-1 = skip) of a uniform cache (Quest).
+
+    Returns (out, mass) with m = n * page_size entries in page-table order: mass[b, h, i * page_size
+    + t] belongs to slot pages[b, h, i] * page_size + t. Same contract as `decode_attention` otherwise."""
     backend, interpret = common.resolve_backend(backend, interpret)
     reason = unsupported_reason(q, k, v, pos, backend)
     if reason is None and backend == "triton" and not common.is_pow2(page_size):
@@ -434,7 +365,7 @@ def paged_decode_attention(q, k, v, pos, q_pos, pages, page_size: int, *, slidin
         raise common.KernelUnsupported(f"paged decode attention: {reason}")
     b, h, _ = q.shape
     hk = k.shape[1]
-    qpos = q_positions(q_pos, b, hk)
+    qpos = common.q_positions(q_pos, b, hk)
     n = pages.shape[-1] * page_size
     pages = jnp.asarray(pages, jnp.int32)
     if backend == "triton":
@@ -443,7 +374,5 @@ def paged_decode_attention(q, k, v, pos, q_pos, pages, page_size: int, *, slidin
                               block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                               pages=pages, page_size=page_size)
     else:
-        from pikv_jax.kernels.quest import tpu_paged_partials
-
         parts = tpu_paged_partials(q, k, v, pos, qpos, pages, page_size, window=sliding_window, interpret=interpret)
-    return finish([parts], group=h // hk, group_reduce=group_reduce, out_dtype=q.dtype)
+    return common.finish([parts], group=h // hk, group_reduce=group_reduce, out_dtype=q.dtype)

@@ -1,3 +1,5 @@
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b h d" are not forward references)
 """Quantize-and-pack of new tokens into a KIVI cache: keys per channel over groups of G tokens,
 values per token over groups of G channels, in one kernel over the same tokens.
 
@@ -24,13 +26,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, UInt8
 
-from pikv_jax.kernels import quant
-from pikv_jax.kernels import common
+from pikv_jax.kernels import common, quant
+
+# (kq, k_scale, k_min, vq, v_scale, v_min): codes packed along D (dp = D * bits / 8), key scales per
+# group of G tokens (ng = T / G), value scales per group of G channels (nc = D / G)
+Packed = tuple[UInt8[Array, "*lead t dp"], Float[Array, "*lead ng d"], Float[Array, "*lead ng d"],
+               UInt8[Array, "*lead t dp"], Float[Array, "*lead t nc"], Float[Array, "*lead t nc"]]
 
 
-def reference(k, v, bits: int, group_size: int, scale_dtype=jnp.float16):
-    """k, v: [..., T, D] -> (kq, k_scale, k_min, vq, v_scale, v_min) as quant.quantize_keys / _values."""
+def reference(k: Float[Array, "*lead t d"], v: Float[Array, "*lead t d"], bits: int, group_size: int,
+              scale_dtype=jnp.float16) -> Packed:
+    """KIVI quantize-and-pack by quant.quantize_keys (per channel over G tokens) and
+    quant.quantize_values (per token over G channels)."""
     return (*quant.quantize_keys(k, bits, group_size, scale_dtype),
             *quant.quantize_values(v, bits, group_size, scale_dtype))
 
@@ -138,6 +147,7 @@ def _kernel(k_ref, v_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_ref, vm_ref, *, bit
 
 
 def unsupported_reason(k, v, bits: int, group_size: int, scale_dtype, backend: str) -> str | None:
+    """None when the kernel handles these inputs, else the rule they break."""
     t, d = k.shape[-2:]
     if k.shape != v.shape:
         return f"k {k.shape} and v {v.shape} differ"
@@ -155,8 +165,9 @@ def unsupported_reason(k, v, bits: int, group_size: int, scale_dtype, backend: s
     return None
 
 
-def quantize_kv(k, v, bits: int, group_size: int, scale_dtype=jnp.float16, *, backend=None, interpret=None):
-    """Kernel version of `reference` (same results). k, v: [..., T, D]."""
+def quantize_kv(k: Float[Array, "*lead t d"], v: Float[Array, "*lead t d"], bits: int, group_size: int,
+                scale_dtype=jnp.float16, *, backend: str | None = None, interpret: bool | None = None) -> Packed:
+    """Kernel version of `reference` (bit-identical results)."""
     quant.check_bits(bits)
     backend, interpret = common.resolve_backend(backend, interpret)
     reason = unsupported_reason(k, v, bits, group_size, scale_dtype, backend)

@@ -1,15 +1,18 @@
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b h d" are not forward references)
 """Decode attention over a KIVI cache with dequantization fused into the block loads.
 
-Reference: `pikv_jax.compress.kivi.quantized_attention_reference` (dequantize everything to f32,
-then attend), re-exported as `reference`.
+Reference: `reference` below (dequantize everything to f32 with kernels/quant.py, then
+`pikv_jax.attention.reference.decode_attention`). Both take the cache's arrays, not the cache object
+(pikv_jax/cache/quantized.py holds that layout; the dispatcher unpacks it).
 
-Layout (see compress/kivi.py): kq, vq: u8[B, Hkv, Cq, D * bits / 8] packed codes (channel
-c = per * j + r sits in bits [r * bits, (r + 1) * bits) of byte j, per = 8 / bits); keys:
-k_scale, k_min [B, Hkv, Cq / Gk, D] (per channel, per group of Gk tokens); values: v_scale, v_min
-[B, Hkv, Cq, D / Gv] (per token, per group of Gv channels); a full-precision ring k_res, v_res
-[B, Hkv, R, D]; pos [B, Hkv, Cq + R] (quantized slots first).
+Layout: kq, vq: u8[B, Hkv, Cq, D * bits / 8] packed codes (channel c = per * j + r sits in bits
+[r * bits, (r + 1) * bits) of byte j, per = 8 / bits); keys: k_scale, k_min [B, Hkv, Cq / Gk, D]
+(per channel, per group of Gk tokens); values: v_scale, v_min [B, Hkv, Cq, D / Gv] (per token, per
+group of Gv channels); a full-precision ring k_res, v_res [B, Hkv, R, D]; pos [B, Hkv, Cq + R]
+(quantized slots first). Gk = Gv = group_size.
 
-Two kernel passes share one epilogue (decode_attention.finish): the quantized region through the
+Two kernel passes share one epilogue (common.finish): the quantized region through the
 kernel here, the ring through the ordinary decode kernel, merged by log-sum-exp, so the mass covers
 all Cq + R slots in pos order. Dequantized keys and values are formed in the query's dtype (bf16
 on the GPU: the dot runs on tensor cores) from f32 codes * scale + min.
@@ -35,16 +38,41 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Float32, Int, UInt8
 
-from pikv_jax.attention.reference import GROUP_REDUCTIONS, NEG_INF, visible
-from pikv_jax.kernels import common
+from pikv_jax.attention import reference as _reference
+from pikv_jax.attention.reference import GROUP_REDUCTIONS, visible
+from pikv_jax.kernels import common, quant
 from pikv_jax.kernels import decode_attention as da
 
 
-def reference(q, cache, q_pos, *, sliding_window=None, group_reduce="mean"):
-    from pikv_jax.compress.kivi import quantized_attention_reference
+def check_layout(q, kq, v_scale, *, bits: int, group_size: int) -> None:
+    """ValueError unless `bits` and `group_size` match the arrays' shapes (they are not stored in them)."""
+    quant.check_bits(bits)
+    d = q.shape[-1]
+    if kq.shape[-1] * 8 != d * bits:
+        raise ValueError(f"bits={bits} does not match kq's last axis {kq.shape[-1]} for head_dim {d} "
+                         f"(expected head_dim * bits / 8 = {d * bits / 8:g})")
+    if group_size < 1 or v_scale.shape[-1] * group_size != d:
+        raise ValueError(f"group_size={group_size} does not match v_scale's last axis {v_scale.shape[-1]} for "
+                         f"head_dim {d} (expected head_dim / group_size)")
 
-    return quantized_attention_reference(q, cache, q_pos, sliding_window=sliding_window, group_reduce=group_reduce)
+
+def reference(q: Float[Array, "b h d"], kq: UInt8[Array, "b hk cq dp"], k_scale: Float[Array, "b hk ng d"],
+              k_min: Float[Array, "b hk ng d"], vq: UInt8[Array, "b hk cq dp"], v_scale: Float[Array, "b hk cq nc"],
+              v_min: Float[Array, "b hk cq nc"], k_res: Float[Array, "b hk r d"], v_res: Float[Array, "b hk r d"],
+              pos: Int[Array, "b hk cq+r"], q_pos: Int[Array, " b"] | Int[Array, "b hk"], *, bits: int,
+              group_size: int, sliding_window: int | None = None,
+              group_reduce: str = "mean") -> tuple[Float[Array, "b h d"], Float32[Array, "b hk cq+r"]]:
+    """Dequantize-then-attend in f32: (out in q's dtype, mass over all Cq + R slots in pos order)."""
+    check_layout(q, kq, v_scale, bits=bits, group_size=group_size)
+    f32 = jnp.float32
+    k = jnp.concatenate([quant.dequantize_keys(kq, k_scale, k_min, bits, group_size, f32), k_res.astype(f32)], axis=2)
+    v = jnp.concatenate([quant.dequantize_values(vq, v_scale, v_min, bits, group_size, f32), v_res.astype(f32)],
+                        axis=2)
+    out, mass = _reference.decode_attention(q.astype(f32), k, v, pos, q_pos, sliding_window=sliding_window,
+                                            group_reduce=group_reduce)
+    return out.astype(q.dtype), mass
 
 
 def unpack_interleaved(codes, bits: int):
@@ -67,7 +95,7 @@ def unpack_interleaved(codes, bits: int):
 def _gpu_kernel(qpos_ref, lim_ref, q_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_ref, vm_ref, pos_ref,
                 o_ref, m_ref, l_ref, lg_ref, *, bits: int, gk: int, gv: int, block_k: int, split_len: int, group: int,
                 window: int | None, scale: float):
-    from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas import triton as plgpu  # lazy: platform-specific Pallas backend
 
     qp = qpos_ref[()]
     lim = lim_ref[()]
@@ -76,7 +104,7 @@ def _gpu_kernel(qpos_ref, lim_ref, q_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_ref
     cdt = q.dtype
     ng = block_k // gk
     start0 = pl.program_id(2) * split_len
-    n_blocks = jnp.maximum((jnp.minimum(lim - start0, split_len) + block_k - 1) // block_k, 0)
+    n_blocks = jnp.maximum(common.cdiv(jnp.minimum(lim - start0, split_len), block_k), 0)
     row_ok = (jnp.arange(gp) < group)[:, None]
     f32 = jnp.float32
 
@@ -94,7 +122,7 @@ def _gpu_kernel(qpos_ref, lim_ref, q_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_ref
         s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
         s = jnp.where(visible(qp, p, window)[None, :], s, -jnp.inf)
         plgpu.store(lg_ref.at[:, pl.ds(start, block_k)], s, mask=row_ok & ok[None, :])
-        pr, alpha, m, l = da.online_update(s, m, l)
+        pr, alpha, m, l = common.online_update(s, m, l)
         vc = unpack_interleaved(plgpu.load(vq_ref.at[pl.ds(start, block_k), :], mask=ok[:, None], other=0), bits)
         vs = plgpu.load(vs_ref.at[pl.ds(start, block_k), :], mask=ok[:, None], other=0).astype(f32)  # [bk, D/Gv]
         vm = plgpu.load(vm_ref.at[pl.ds(start, block_k), :], mask=ok[:, None], other=0).astype(f32)
@@ -102,43 +130,35 @@ def _gpu_kernel(qpos_ref, lim_ref, q_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_ref
         acc = acc * alpha + jnp.dot(pr.astype(cdt), v, preferred_element_type=f32)
         return acc, m, l
 
-    init = (jnp.zeros((gp, d), f32), jnp.full((gp, 1), NEG_INF, f32), jnp.zeros((gp, 1), f32))
-    acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    o_ref[...] = acc
-    m_ref[...] = m.reshape(gp)
-    l_ref[...] = l.reshape(gp)
+    common.gpu_online_loop(n_blocks, body, o_ref, m_ref, l_ref)
 
 
-def _gpu_partials(q, cache, qpos, limit, *, window, interpret, block_k, num_splits, num_warps, num_stages):
+def _gpu_partials(q, codes, pos, qpos, limit, *, bits, group_size, window, interpret, block_k, num_splits,
+                  num_warps, num_stages) -> common.Partials:
+    """codes = (kq, k_scale, k_min, vq, v_scale, v_min) of the quantized region."""
     b, h, d = q.shape
-    hk, cq = cache.num_kv_heads, cache.quantized_slots
+    hk, cq, dp = codes[0].shape[1:]
     g = h // hk
-    gp = max(da.GPU_MIN_ROWS, common.next_pow2(g))
-    gk = gv = cache.group_size
+    gp = max(common.GPU_MIN_ROWS, common.next_pow2(g))
+    gk = gv = group_size
     bk = block_k or max(gk, 64)
-    splits = num_splits or da.gpu_num_splits(b, hk, cq, bk)
-    split_len = common.cdiv(common.cdiv(cq, splits), bk) * bk
-    splits = common.cdiv(cq, split_len)
-    kernel = functools.partial(_gpu_kernel, bits=cache.bits, gk=gk, gv=gv, block_k=bk, split_len=split_len, group=g,
+    splits, split_len = da.gpu_split_grid(b, hk, cq, bk, num_splits)
+    kernel = functools.partial(_gpu_kernel, bits=bits, gk=gk, gv=gv, block_k=bk, split_len=split_len, group=g,
                                window=window, scale=d ** -0.5)
-    bh = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j, s: (i, j) + (0,) * len(shape))
-    split = lambda *shape: pl.BlockSpec((None, None, None) + shape, lambda i, j, s: (i, j, s) + (0,) * len(shape))
-    dp = cache.kq.shape[-1]
-    f32 = jnp.float32
+    spec = da.gpu_spec
+    out_specs, out_shape = da.gpu_partial_outputs(b, hk, splits, g, gp, d, cq)
     o, m, l, logits = pl.pallas_call(
         kernel,
         grid=(b, hk, splits),
-        in_specs=[bh(), bh(), bh(gp, d), bh(cq, dp), bh(cq // gk, d), bh(cq // gk, d), bh(cq, dp), bh(cq, d // gv),
-                  bh(cq, d // gv), bh(cache.capacity)],
-        out_specs=[split(gp, d), split(gp), split(gp), bh(gp, cq)],
-        out_shape=[jax.ShapeDtypeStruct((b, hk, splits, g, d), f32), jax.ShapeDtypeStruct((b, hk, splits, g), f32),
-                   jax.ShapeDtypeStruct((b, hk, splits, g), f32), jax.ShapeDtypeStruct((b, hk, g, cq), f32)],
+        in_specs=[spec(), spec(), spec(gp, d), spec(cq, dp), spec(cq // gk, d), spec(cq // gk, d), spec(cq, dp),
+                  spec(cq, d // gv), spec(cq, d // gv), spec(pos.shape[-1])],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=common.gpu_compiler_params(num_warps or 8, num_stages or 2),  # 8 warps: dequantized tiles
         interpret=common.interpret_arg("triton", interpret),                         # are f32 in registers
         name="pikv_quantized_decode_attention",
-    )(qpos, limit, q.reshape(b, hk, g, d), cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale,
-      cache.v_min, cache.pos)
-    return da.Partials(o, m, l, logits, limit)
+    )(qpos, limit, q.reshape(b, hk, g, d), *codes, pos)
+    return common.Partials(o, m, l, logits, limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,20 +178,12 @@ def _tpu_kernel(nblk_ref, qpos_ref, qr_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_r
     f32 = jnp.float32
     hi = jax.lax.Precision.HIGHEST
     cdt = qr_ref.dtype
-
-    @pl.when(j == 0)
-    def _init():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
-        l_sc[...] = jnp.zeros_like(l_sc)
-
+    common.tpu_online_begin(j == 0, acc_sc, m_sc, l_sc)
     active = j < nblk_ref[b]
 
     @pl.when(active)
     def _step():
-        slot = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        in_range = slot < capacity
-        row_in = (j * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)) < capacity
+        in_range, row_in = common.tpu_block_in_range(j, block_k, capacity)
         # 0/1 matrices: sel[r][c, i] = (c == per * i + r) picks nibble plane r of a channel vector
         ch = jax.lax.broadcasted_iota(jnp.int32, (d, dq), 0)
         col = jax.lax.broadcasted_iota(jnp.int32, (d, dq), 1)
@@ -199,7 +211,7 @@ def _tpu_kernel(nblk_ref, qpos_ref, qr_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_r
             vis = visible(qpos_ref[b, h], pos_ref[pl.ds(h, 1), :], window) & in_range
             s = jnp.where(vis, s_sc[...] * scale, -jnp.inf)  # [Gp, bk]
             lg_ref[h] = s[:group]
-            p, alpha, m_new, l_new = da.online_update(s, m_sc[h][:, :1], l_sc[h][:, :1])
+            p, alpha, m_new, l_new = common.online_update(s, m_sc[h][:, :1], l_sc[h][:, :1])
             vs, vm = vs_ref[h].astype(f32), vm_ref[h].astype(f32)  # [bk, D / Gv]
             vs_b = jnp.zeros((block_k, dq), f32)
             vm_b = jnp.zeros((block_k, dq), f32)
@@ -216,37 +228,31 @@ def _tpu_kernel(nblk_ref, qpos_ref, qr_ref, kq_ref, ks_ref, km_ref, vq_ref, vs_r
             m_sc[h] = jnp.broadcast_to(m_new, m_sc.shape[1:])
             l_sc[h] = jnp.broadcast_to(l_new, l_sc.shape[1:])
 
-    @pl.when(jnp.logical_not(active))
-    def _skip():
-        lg_ref[...] = jnp.full(lg_ref.shape, -jnp.inf, jnp.float32)
-
-    @pl.when(j == pl.num_programs(1) - 1)
-    def _done():
-        o_ref[...] = acc_sc[...]
-        m_ref[...] = m_sc[...]
-        l_ref[...] = l_sc[...]
+    common.tpu_skip_logits(active, lg_ref)
+    common.tpu_online_end(j == pl.num_programs(1) - 1, acc_sc, m_sc, l_sc, o_ref, m_ref, l_ref)
 
 
-def _tpu_partials(q, cache, qpos, limit, *, window, interpret, block_k):
-    from jax.experimental.pallas import tpu as pltpu
+def _tpu_partials(q, codes, pos, qpos, limit, *, bits, group_size, window, interpret, block_k) -> common.Partials:
+    """codes = (kq, k_scale, k_min, vq, v_scale, v_min) of the quantized region."""
+    from jax.experimental.pallas import tpu as pltpu  # lazy: platform-specific Pallas backend
 
     b, h, d = q.shape
-    hk, cq, bits = cache.num_kv_heads, cache.quantized_slots, cache.bits
+    hk, cq, dp = codes[0].shape[1:]
     g = h // hk
-    gp = common.cdiv(g, da.TPU_MIN_ROWS) * da.TPU_MIN_ROWS
+    gp = common.cdiv(g, common.TPU_MIN_ROWS) * common.TPU_MIN_ROWS
     per = 8 // bits
     dq = d // per
-    gk = gv = cache.group_size
+    gk = gv = group_size
     bk = block_k or (cq if cq <= TPU_BLOCK else TPU_BLOCK)
     nb = common.cdiv(cq, bk)
-    pos = cache.pos if bk % 128 == 0 else cache.pos[:, :, :cq]  # a block equal to the whole axis is allowed
-    nblk = (jnp.max(limit, axis=1) + bk - 1) // bk
-    qg = da.group_query(q, hk, gp)  # [B, Hkv, Gp, D]
+    pos = pos if bk % 128 == 0 else pos[:, :, :cq]  # a block equal to the whole axis is allowed
+    nblk = common.cdiv(jnp.max(limit, axis=1), bk)
+    qg = common.group_query(q, hk, gp)  # [B, Hkv, Gp, D]
     qr = jnp.moveaxis(qg.reshape(b, hk, gp, dq, per), -1, 2)  # [B, Hkv, per, Gp, D / per]
 
     def blk(*shape):
         def index(i, j, nblk_ref, qpos_ref):
-            return (i, 0, jnp.maximum(jnp.minimum(j, nblk_ref[i] - 1), 0)) + (0,) * (len(shape) - 2)
+            return (i, 0, common.used_block(j, nblk_ref[i])) + (0,) * (len(shape) - 2)
         return pl.BlockSpec((None,) + shape, index)
 
     row = lambda *shape: pl.BlockSpec((None,) + shape, lambda i, j, *_: (i,) + (0,) * len(shape))
@@ -254,8 +260,8 @@ def _tpu_partials(q, cache, qpos, limit, *, window, interpret, block_k):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(b, nb),
-        in_specs=[row(hk, per, gp, dq), blk(hk, bk, cache.kq.shape[-1]), blk(hk, bk // gk, d), blk(hk, bk // gk, d),
-                  blk(hk, bk, cache.vq.shape[-1]), blk(hk, bk, d // gv), blk(hk, bk, d // gv), blk(hk, bk)],
+        in_specs=[row(hk, per, gp, dq), blk(hk, bk, dp), blk(hk, bk // gk, d), blk(hk, bk // gk, d),
+                  blk(hk, bk, dp), blk(hk, bk, d // gv), blk(hk, bk, d // gv), blk(hk, bk)],
         out_specs=[row(hk, per, gp, dq), row(hk, gp, 128), row(hk, gp, 128),
                    pl.BlockSpec((None, hk, g, bk), lambda i, j, *_: (i, 0, 0, j))],
         scratch_shapes=[pltpu.VMEM((hk, per, gp, dq), f32), pltpu.VMEM((hk, gp, 128), f32),
@@ -271,63 +277,70 @@ def _tpu_partials(q, cache, qpos, limit, *, window, interpret, block_k):
         compiler_params=common.tpu_compiler_params(("parallel", "arbitrary")),
         interpret=common.interpret_arg("mosaic_tpu", interpret),
         name="pikv_quantized_decode_attention_tpu",
-    )(nblk.astype(jnp.int32), qpos, qr, cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale, cache.v_min,
-      pos)
+    )(nblk.astype(jnp.int32), qpos, qr, *codes, pos)
     o = jnp.moveaxis(o, 2, -1).reshape(b, hk, gp, d)  # planes back to channel order
-    return da.Partials(o[:, :, None], m[:, :, None, :, 0], l[:, :, None, :, 0], logits, limit)
+    return common.tpu_partials(o, m, l, logits, limit)
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
 
-def unsupported_reason(q, cache, backend: str) -> str | None:
+def unsupported_reason(q, kq, k_res, v_res, pos, *, bits: int, group_size: int, backend: str) -> str | None:
+    """None when the kernel handles these inputs, else the rule they break."""
     b, h, d = q.shape
-    if jnp.dtype(q.dtype) not in da.FLOAT_DTYPES:
+    hk, cq = kq.shape[1], kq.shape[2]
+    if jnp.dtype(q.dtype) not in common.FLOAT_DTYPES:
         return f"q dtype {q.dtype} (allowed: float32, bfloat16, float16)"
-    if h % cache.num_kv_heads:
-        return f"{h} query heads are not a multiple of {cache.num_kv_heads} KV heads"
-    gsz, per = cache.group_size, 8 // cache.bits
-    if gsz % per:
-        return f"group_size {gsz} is not a multiple of the {per} codes packed per byte"
+    if h % hk:
+        return f"{h} query heads are not a multiple of {hk} KV heads"
+    per = 8 // bits
+    if group_size % per:
+        return f"group_size {group_size} is not a multiple of the {per} codes packed per byte"
     if backend == "triton":
-        if not (common.is_pow2(d) and d >= 16 and common.is_pow2(gsz)):
-            return f"head_dim {d} and group_size {gsz} must be powers of two (head_dim >= 16) for Triton tiles"
+        if not (common.is_pow2(d) and d >= 16 and common.is_pow2(group_size)):
+            return f"head_dim {d} and group_size {group_size} must be powers of two (head_dim >= 16) for Triton tiles"
     else:
-        cq = cache.quantized_slots
         if jnp.dtype(q.dtype) == jnp.float16:
             return "float16 queries are not supported on TPU"
-        if cq > TPU_BLOCK and (TPU_BLOCK % gsz or (TPU_BLOCK // gsz) % 16):
-            return f"group_size {gsz}: TPU blocks of {TPU_BLOCK} tokens need a power-of-two group_size <= 32"
-    return da.unsupported_reason(q, cache.k_res, cache.v_res, cache.pos[:, :, cache.quantized_slots:], backend)
+        if cq > TPU_BLOCK and (TPU_BLOCK % group_size or (TPU_BLOCK // group_size) % 16):
+            return f"group_size {group_size}: TPU blocks of {TPU_BLOCK} tokens need a power-of-two group_size <= 32"
+    return da.unsupported_reason(q, k_res, v_res, pos[:, :, cq:], backend)
 
 
-def quantized_decode_attention(q, cache, q_pos, *, sliding_window: int | None = None, group_reduce: str = "mean",
-                               backend: str | None = None, interpret: bool | None = None, block_k=None,
-                               num_splits=None, num_warps=None, num_stages=None):
-    """Same contract as `reference`: (out [B, H, D] in q's dtype, mass f32[B, Hkv, Cq + R])."""
+def quantized_decode_attention(
+        q: Float[Array, "b h d"], kq: UInt8[Array, "b hk cq dp"], k_scale: Float[Array, "b hk ng d"],
+        k_min: Float[Array, "b hk ng d"], vq: UInt8[Array, "b hk cq dp"], v_scale: Float[Array, "b hk cq nc"],
+        v_min: Float[Array, "b hk cq nc"], k_res: Float[Array, "b hk r d"], v_res: Float[Array, "b hk r d"],
+        pos: Int[Array, "b hk cq+r"], q_pos: Int[Array, " b"] | Int[Array, "b hk"], *, bits: int, group_size: int,
+        sliding_window: int | None = None, group_reduce: str = "mean", backend: str | None = None,
+        interpret: bool | None = None, block_k: int | None = None, num_splits: int | None = None,
+        num_warps: int | None = None,
+        num_stages: int | None = None) -> tuple[Float[Array, "b h d"], Float32[Array, "b hk cq+r"]]:
+    """Kernel version of `reference` (same arguments and results): the quantized region through the
+    kernel above, the ring through the decode kernel, both merged by log-sum-exp."""
     if group_reduce not in GROUP_REDUCTIONS:
         raise ValueError(f"group_reduce={group_reduce!r}; allowed: {GROUP_REDUCTIONS}")
+    check_layout(q, kq, v_scale, bits=bits, group_size=group_size)
     backend, interpret = common.resolve_backend(backend, interpret)
-    reason = unsupported_reason(q, cache, backend)
+    reason = unsupported_reason(q, kq, k_res, v_res, pos, bits=bits, group_size=group_size, backend=backend)
     if reason:
         raise common.KernelUnsupported(f"quantized decode attention: {reason}")
     b, h, _ = q.shape
-    hk, cq = cache.num_kv_heads, cache.quantized_slots
-    qpos = da.q_positions(q_pos, b, hk)
+    hk, cq = kq.shape[1], kq.shape[2]
+    qpos = common.q_positions(q_pos, b, hk)
+    codes = (kq, k_scale, k_min, vq, v_scale, v_min)
     parts = []
     if cq > 0:
-        limit = da.slot_limit(cache.pos[:, :, :cq])
+        limit = common.slot_limit(pos[:, :, :cq])
+        layout = dict(bits=bits, group_size=group_size, window=sliding_window, interpret=interpret, block_k=block_k)
         if backend == "triton":
-            parts.append(_gpu_partials(q, cache, qpos, limit, window=sliding_window, interpret=interpret,
-                                       block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                                       num_stages=num_stages))
+            parts.append(_gpu_partials(q, codes, pos, qpos, limit, num_splits=num_splits, num_warps=num_warps,
+                                       num_stages=num_stages, **layout))
         else:
-            parts.append(_tpu_partials(q, cache, qpos, limit, window=sliding_window, interpret=interpret,
-                                       block_k=block_k))
-    ring_pos = cache.pos[:, :, cq:]
-    ring = cache.residual_slots
-    parts.append(da.decode_partials(q, cache.k_res, cache.v_res, ring_pos, qpos, sliding_window=sliding_window,
+            parts.append(_tpu_partials(q, codes, pos, qpos, limit, **layout))
+    ring = k_res.shape[2]
+    parts.append(da.decode_partials(q, k_res, v_res, pos[:, :, cq:], qpos, sliding_window=sliding_window,
                                     backend=backend, interpret=interpret, limit=jnp.full((b, hk), ring, jnp.int32),
                                     num_splits=1))
-    return da.finish(parts, group=h // hk, group_reduce=group_reduce, out_dtype=q.dtype)
+    return common.finish(parts, group=h // hk, group_reduce=group_reduce, out_dtype=q.dtype)

@@ -1,8 +1,10 @@
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b h d" are not forward references)
 """Quest kernels: page upper bounds with top-k page selection, and attention over the selected pages.
 
-References (pure jnp, the policy's own code in cache/policies/quest.py): `select_reference` below
-(page_upper_bound + reduce_group + lax.top_k, exactly what `Quest.select_pages` does) and
-`pikv_jax.attention.reference.decode_attention` over the gathered pages.
+References (pure jnp): `select_reference` below (`page_upper_bound` + reduce_group + lax.top_k,
+exactly what the policy `Quest.select_pages` in cache/policies/quest.py does, on the same
+`page_upper_bound`) and `pikv_jax.attention.reference.decode_attention` over the gathered pages.
 
 1. `select_pages(q, page_min, page_max, nonempty, newest, k)`: one program per (row, KV head)
    computes U[g, n] = q+ . max_n + q- . min_n for every page (two [G, D] x [D, N] dots in f32),
@@ -24,17 +26,34 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Bool, Float, Float32, Int
 
-from pikv_jax.attention.reference import GROUP_REDUCTIONS, NEG_INF, reduce_group, visible
+from pikv_jax.attention.reference import GROUP_REDUCTIONS, reduce_group, visible
 from pikv_jax.kernels import common
-from pikv_jax.kernels import decode_attention as da
 
 
-def select_reference(q, page_min, page_max, nonempty, newest, k: int, page_reduce: str = "max"):
-    """q [B, H, D]; page_min, page_max f32[B, Hkv, N, D]; nonempty bool[B, Hkv, N]; newest i32[B, Hkv]
-    (page of the newest token, -1 = none). -> (pages i32[B, Hkv, k], ok bool[B, Hkv, k])."""
-    from pikv_jax.cache.policies.quest import page_upper_bound
+def page_upper_bound(q: Float[Array, "b hk g d"], page_min: Float[Array, "b hk n d"],
+                     page_max: Float[Array, "b hk n d"],
+                     nonempty: Bool[Array, "b hk n"] | None = None) -> Float32[Array, "b hk g n"]:
+    """U = sum_c max(q_c min_c, q_c max_c) per query head and page: an upper bound of q . k for
+    every key k of the page (Quest). Empty pages (nonempty False) get -inf."""
+    q = q.astype(jnp.float32)
+    if nonempty is not None:
+        page_min = jnp.where(nonempty[..., None], page_min, 0.0)
+        page_max = jnp.where(nonempty[..., None], page_max, 0.0)
+    u = (jnp.einsum("bhgd,bhnd->bhgn", jnp.maximum(q, 0.0), page_max)
+         + jnp.einsum("bhgd,bhnd->bhgn", jnp.minimum(q, 0.0), page_min))
+    if nonempty is not None:
+        u = jnp.where(nonempty[:, :, None, :], u, -jnp.inf)
+    return u
 
+
+def select_reference(q: Float[Array, "b h d"], page_min: Float[Array, "b hk n d"], page_max: Float[Array, "b hk n d"],
+                     nonempty: Bool[Array, "b hk n"], newest: Int[Array, "b hk"], k: int,
+                     page_reduce: str = "max") -> tuple[Int[Array, "b hk s"], Bool[Array, "b hk s"]]:
+    """Top-k pages per (row, KV head) by the group-reduced page bound, the newest token's page
+    (`newest`, -1 = none) forced first and empty pages last -> (pages, ok: False = filler page),
+    s = k entries in order of the bound."""
     b, h, d = q.shape
     hk, n = nonempty.shape[1:]
     u = reduce_group(page_upper_bound(q.reshape(b, hk, h // hk, d), page_min, page_max, nonempty), page_reduce, axis=2)
@@ -90,7 +109,7 @@ def _top_k(r, page, k: int, kp: int, n: int):
 
 def _select_kernel(newest_ref, q_ref, mn_ref, mx_ref, ne_ref, idx_ref, ok_ref, *, group, page_reduce, k, n, backend):
     if backend == "triton":  # pad the page axis to a power of two with masked loads
-        from jax.experimental.pallas import triton as plgpu
+        from jax.experimental.pallas import triton as plgpu  # lazy: platform-specific Pallas backend
 
         npad = mn_ref.shape[0]  # blocks of next_pow2(n) pages: the tail is masked
         in_n = jnp.arange(npad) < n
@@ -107,8 +126,10 @@ def _select_kernel(newest_ref, q_ref, mn_ref, mx_ref, ne_ref, idx_ref, ok_ref, *
     ok_ref[...] = ok
 
 
-def select_pages(q, page_min, page_max, nonempty, newest, k: int, *, page_reduce: str = "max", backend=None,
-                 interpret=None):
+def select_pages(q: Float[Array, "b h d"], page_min: Float[Array, "b hk n d"], page_max: Float[Array, "b hk n d"],
+                 nonempty: Bool[Array, "b hk n"], newest: Int[Array, "b hk"], k: int, *, page_reduce: str = "max",
+                 backend: str | None = None,
+                 interpret: bool | None = None) -> tuple[Int[Array, "b hk s"], Bool[Array, "b hk s"]]:
     """Kernel version of `select_reference` (same arguments and results)."""
     if page_reduce not in GROUP_REDUCTIONS:
         raise ValueError(f"page_reduce={page_reduce!r}; allowed: {GROUP_REDUCTIONS}")
@@ -120,7 +141,10 @@ def select_pages(q, page_min, page_max, nonempty, newest, k: int, *, page_reduce
         raise ValueError(f"k={k} pages must be in [1, {n}]")
     if backend == "triton" and not (common.is_pow2(d) and d >= 16):
         raise common.KernelUnsupported(f"quest select: head_dim {d} is not a power of two >= 16")
-    gp = max(da.GPU_MIN_ROWS, common.next_pow2(g)) if backend == "triton" else common.cdiv(g, 8) * 8
+    if backend == "triton":
+        gp = max(common.GPU_MIN_ROWS, common.next_pow2(g))
+    else:
+        gp = common.cdiv(g, common.TPU_MIN_ROWS) * common.TPU_MIN_ROWS
     kp = common.next_pow2(k) if backend == "triton" else common.cdiv(k, 128) * 128
     npad = common.next_pow2(n) if backend == "triton" else n
     bh = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, j: (i, j) + (0,) * len(shape))
@@ -138,7 +162,7 @@ def select_pages(q, page_min, page_max, nonempty, newest, k: int, *, page_reduce
                                                dimension_semantics=("parallel", "parallel")),
         interpret=common.interpret_arg(backend, interpret),
         name="pikv_quest_select",
-    )(newest, da.group_query(q, hk, gp), page_min.astype(jnp.float32), page_max.astype(jnp.float32),
+    )(newest, common.group_query(q, hk, gp), page_min.astype(jnp.float32), page_max.astype(jnp.float32),
       nonempty.astype(jnp.int32)[:, :, None, :])
     return idx[:, :, 0, :k], ok[:, :, 0, :k] > 0
 
@@ -150,40 +174,29 @@ def select_pages(q, page_min, page_max, nonempty, newest, k: int, *, page_reduce
 def _tpu_paged_kernel(pages_ref, qpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref, lg_ref,
                       acc_sc, m_sc, l_sc, *, group: int, window: int | None, scale: float):
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-
-    @pl.when(i == 0)
-    def _init():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-        m_sc[...] = jnp.full_like(m_sc, NEG_INF)
-        l_sc[...] = jnp.zeros_like(l_sc)
-
+    common.tpu_online_begin(i == 0, acc_sc, m_sc, l_sc)
     p = pos_ref[pl.ds(i, 1), :]  # [1, ps]; -1 for skipped pages
     vis = visible(qpos_ref[b, h], p, window)
     s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     s = jnp.where(vis, s * scale, -jnp.inf)  # [Gp, ps]
     lg_ref[pl.ds(i, 1)] = s[None, :group]
-    pr, alpha, m_new, l_new = da.online_update(s, m_sc[:, :1], l_sc[:, :1])
+    pr, alpha, m_new, l_new = common.online_update(s, m_sc[:, :1], l_sc[:, :1])
     v = v_ref[...]
     acc_sc[...] = acc_sc[...] * alpha + jnp.dot(pr.astype(v.dtype), v, preferred_element_type=jnp.float32)
     m_sc[...] = jnp.broadcast_to(m_new, m_sc.shape)
     l_sc[...] = jnp.broadcast_to(l_new, l_sc.shape)
-
-    @pl.when(i == pl.num_programs(2) - 1)
-    def _done():
-        o_ref[...] = acc_sc[...]
-        m_ref[...] = m_sc[...]
-        l_ref[...] = l_sc[...]
+    common.tpu_online_end(i == pl.num_programs(2) - 1, acc_sc, m_sc, l_sc, o_ref, m_ref, l_ref)
 
 
-def tpu_paged_partials(q, k, v, pos, qpos, pages, page_size: int, *, window, interpret) -> da.Partials:
+def tpu_paged_partials(q, k, v, pos, qpos, pages, page_size: int, *, window, interpret) -> common.Partials:
     """Attention over pages[b, h, :] (-1 = skip) of a uniform cache; one page per grid step."""
-    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas import tpu as pltpu  # lazy: platform-specific Pallas backend
 
     b, h, d = q.shape
     hk = k.shape[1]
     g = h // hk
     n = pages.shape[-1]
-    gp = common.cdiv(g, da.TPU_MIN_ROWS) * da.TPU_MIN_ROWS
+    gp = common.cdiv(g, common.TPU_MIN_ROWS) * common.TPU_MIN_ROWS
     ps = page_size
     slots = jnp.maximum(pages, 0)[..., None] * ps + jnp.arange(ps)
     pos_sel = jnp.where((pages >= 0)[..., None], jnp.take_along_axis(pos, slots.reshape(b, hk, n * ps), axis=-1)
@@ -208,7 +221,6 @@ def tpu_paged_partials(q, k, v, pos, qpos, pages, page_size: int, *, window, int
         compiler_params=common.tpu_compiler_params(("parallel", "parallel", "arbitrary")),
         interpret=common.interpret_arg("mosaic_tpu", interpret),
         name="pikv_quest_paged_attention_tpu",
-    )(pages.astype(jnp.int32), qpos, da.group_query(q, hk, gp), k, v, pos_sel)
+    )(pages.astype(jnp.int32), qpos, common.group_query(q, hk, gp), k, v, pos_sel)
     logits = jnp.swapaxes(lg, 2, 3).reshape(b, hk, g, n * ps)
-    return da.Partials(o[:, :, None], m[:, :, None, :, 0], l[:, :, None, :, 0], logits,
-                       jnp.full((b, hk), n * ps, jnp.int32))
+    return common.tpu_partials(o, m, l, logits, jnp.full((b, hk), n * ps, jnp.int32))

@@ -14,9 +14,14 @@ Error bounds (kernel in interpret mode against the pure-jnp reference, inputs ~ 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pikv_jax.cache.quantized import init_quantized_layer
+from pikv_jax.kernels import quant
 
 TOL = {"float32": (2e-5, 2e-6), "bfloat16": (2.5e-2, 2e-5)}
 QUANT_TOL = {"float32": (2e-5, 2e-6), "bfloat16": (4e-2, 2e-3)}
@@ -62,9 +67,6 @@ def quantized_cache(seed: int, b: int, hk: int, capacity: int, d: int, dtype, *,
     """A KIVI layer cache filled from random normal keys / values quantized with the real
     quantizer (so scales are realistic), ragged positions in the quantized region, a partly filled
     ring, and per-head empty groups."""
-    from pikv_jax.kernels import quant
-    from pikv_jax.cache.quantized import init_quantized_layer
-
     cache = init_quantized_layer(b, hk, capacity, d, dtype, bits=bits, group_size=group, residual_length=ring,
                                  scale_dtype=jnp.float16)
     cq = cache.quantized_slots
@@ -90,10 +92,16 @@ def quantized_cache(seed: int, b: int, hk: int, capacity: int, d: int, dtype, *,
                          pos=jnp.asarray(pos))
 
 
+def quantized_arrays(cache):
+    """(arrays, layout): a KIVI cache as the kernels take it, (kq, k_scale, k_min, vq, v_scale, v_min,
+    k_res, v_res, pos) and dict(bits=..., group_size=...)."""
+    arrays = (cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale, cache.v_min, cache.k_res, cache.v_res,
+              cache.pos)
+    return arrays, dict(bits=cache.bits, group_size=cache.group_size)
+
+
 def jitted(fn, **static):
     """fn with keyword arguments bound, under jit (eager calls compile every small op separately)."""
-    import functools
-
     return jax.jit(functools.partial(fn, **static))
 
 

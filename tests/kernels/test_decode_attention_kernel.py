@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from kernel_helpers import TOL, assert_close, decode_case, jitted
 
+from pikv_jax.kernels import common
 from pikv_jax.kernels import decode_attention as da
+from pikv_jax.kernels.common import KernelUnsupported
 
 CASES = [
     # backend, B, H, Hkv, C, D, dtype, window, reduce, tuning
@@ -58,7 +60,7 @@ def test_partials_written_where_used():
     parts = jitted(da.decode_partials, backend="triton", block_k=16, num_splits=3)(q, k, v, pos, q_pos)
     assert not np.any(np.isnan(np.asarray(parts.o))) and not np.any(np.isnan(np.asarray(parts.l)))
     limit = np.asarray(parts.limit)
-    assert limit.tolist() == np.asarray(da.slot_limit(pos)).tolist()
+    assert limit.tolist() == np.asarray(common.slot_limit(pos)).tolist()
     lg = np.asarray(parts.logits)
     for bi in range(3):
         for hi in range(2):
@@ -78,8 +80,6 @@ def test_tpu_skips_unused_blocks():
 
 def test_unsupported_inputs_raise_clearly():
     q, k, v, pos, q_pos = decode_case(1, 1, 4, 2, 20, 24, jnp.float32)
-    from pikv_jax.kernels.common import KernelUnsupported
-
     with pytest.raises(KernelUnsupported, match="head_dim 24"):
         da.decode_attention(q, k, v, pos, q_pos, backend="triton")
     with pytest.raises(KernelUnsupported, match="int32"):

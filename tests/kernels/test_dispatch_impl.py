@@ -10,11 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from kernel_helpers import assert_close, decode_case
 
+from pikv_jax.api import PiKVModel
 from pikv_jax.attention import dispatch
+from pikv_jax.cache.policies import init_policy_cache, make_policy
+from pikv_jax.cache.policies.quest import Quest
 from pikv_jax.cache.state import LayerCache
+from pikv_jax.compress.kivi import QuantizedPolicy
+from pikv_jax.config import tiny_config
 from pikv_jax.kernels import common
+from pikv_jax.runtime import forward
 
 
 @pytest.fixture(autouse=True)
@@ -75,8 +82,6 @@ def test_dispatch_pallas_equals_xla():
 
 
 def test_kivi_flush_bit_identical_through_dispatcher():
-    from pikv_jax.compress.kivi import QuantizedPolicy
-
     policy = QuantizedPolicy(bits=4, group_size=16, residual_length=32)
     cache = policy.init_layer_cache(0, 2, 2, 64, 32, jnp.float32)
     keys = jax.random.split(jax.random.key(0), 2)
@@ -96,12 +101,6 @@ def test_kivi_flush_bit_identical_through_dispatcher():
 def _generate(policy, impl, steps=3):
     """Prefill + `steps` greedy decode steps of a tiny random Llama (head_dim 16) under `impl`;
     a fresh closure per call, so the implementation setting is traced anew."""
-    from pikv_jax.api import PiKVModel
-    from pikv_jax.cache.policies import init_policy_cache
-    from pikv_jax.config import tiny_config
-    from pikv_jax.models import forward
-    from flax import nnx
-
     cfg = tiny_config("llama")
     model = PiKVModel.from_config(cfg, seed=3)
     rng = np.random.default_rng(5)
@@ -138,22 +137,15 @@ def _compare(policy):
 
 
 def test_generation_h2o_same_with_either_impl():
-    from pikv_jax.cache.policies import make_policy
-
     _compare(make_policy("h2o", budget_tokens=16, n_sink=2))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["kivi", "quest"])
 def test_generation_kivi_and_quest_same_with_either_impl(name):
-    from pikv_jax.cache.policies import make_policy
-    from pikv_jax.compress.kivi import QuantizedPolicy
-
     if name == "kivi":
         policy = QuantizedPolicy(bits=4, group_size=16, residual_length=16,
                                  inner=make_policy("h2o", budget_tokens=20, n_sink=2))
     else:
-        from pikv_jax.cache.policies.quest import Quest
-
         policy = Quest(page_size=4, token_budget=8, dense_layers=1)
     _compare(policy)

@@ -24,7 +24,7 @@ BF = jnp.bfloat16
 
 
 def _abstract_mesh(kind: str, platform: str):
-    try:
+    try:  # lazy: only newer jax has abstract devices; older ones skip below
         from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
         dev = AbstractDevice(device_kind=kind, num_cores=132 if platform == "gpu" else 1, platform=platform)
@@ -50,8 +50,10 @@ def _cases(backend):
     for bits in (8, 4, 2):
         cache = jax.eval_shape(lambda bits=bits: init_quantized_layer(B, HKV, C, D, BF, bits=bits, group_size=32,
                                                                       residual_length=128, scale_dtype=sd))
-        cases[f"kivi_int{bits}"] = (functools.partial(qa.quantized_decode_attention, **kw),
-                                    (S((B, H, D), BF), cache, S((B,), jnp.int32)))
+        arrays = (cache.kq, cache.k_scale, cache.k_min, cache.vq, cache.v_scale, cache.v_min, cache.k_res,
+                  cache.v_res, cache.pos)
+        cases[f"kivi_int{bits}"] = (functools.partial(qa.quantized_decode_attention, bits=bits, group_size=32, **kw),
+                                    (S((B, H, D), BF), *arrays, S((B,), jnp.int32)))
         cases[f"pack_int{bits}"] = (functools.partial(qp.quantize_kv, bits=bits, group_size=32, scale_dtype=sd, **kw),
                                     (S((B, HKV, 256, D), BF), S((B, HKV, 256, D), BF)))
     return cases
@@ -60,7 +62,7 @@ def _cases(backend):
 @pytest.mark.parametrize("name", ["decode", "paged", "select", "kivi_int8", "kivi_int4", "kivi_int2", "pack_int8",
                                   "pack_int4", "pack_int2"])
 def test_triton_ir_for_h100(name, monkeypatch):
-    from jax._src.pallas.triton import lowering as triton_lowering
+    from jax._src.pallas.triton import lowering as triton_lowering  # lazy: private, Triton-backend-specific
 
     modules = []
     original = triton_lowering.lower_jaxpr_to_triton_module

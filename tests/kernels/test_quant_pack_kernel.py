@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from pikv_jax.kernels import quant_pack as qp
+from pikv_jax.kernels.common import KernelUnsupported
 
 
 @pytest.mark.parametrize("backend, shape, bits, group, scale_dtype, dtype", [
@@ -48,8 +49,6 @@ def test_bit_level_nextafter(dtype):
 
 
 def test_unsupported_raise():
-    from pikv_jax.kernels.common import KernelUnsupported
-
     x = jnp.ones((1, 32, 48))
     with pytest.raises(KernelUnsupported, match="powers of two"):
         qp.quantize_kv(x, x, 4, 16, backend="triton")

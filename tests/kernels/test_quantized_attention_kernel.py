@@ -4,12 +4,14 @@ quantized regions, partly filled rings, GQA, windows, a cache whose capacity fit
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_helpers import QUANT_TOL, assert_close, jitted, quantized_cache
+from kernel_helpers import QUANT_TOL, assert_close, jitted, quantized_arrays, quantized_cache
 
 from pikv_jax.kernels import quantized_attention as qa
+from pikv_jax.kernels.common import KernelUnsupported
 
 CASES = [
     # backend, B, H, Hkv, capacity, D, bits, group, ring, dtype, window, reduce
@@ -22,8 +24,6 @@ CASES = [
 
 
 def _q(seed, b, h, d, dtype):
-    import jax
-
     return jax.random.normal(jax.random.key(seed), (b, h, d), jnp.float32).astype(dtype)
 
 
@@ -34,9 +34,10 @@ def test_matches_reference(backend, b, h, hk, cap, d, bits, group, ring, dtype, 
     q = _q(cap, b, h, d, dt)
     q_pos = jnp.asarray(np.r_[[cache.quantized_slots + 10 + ring], np.full(b - 1, cache.quantized_slots // 2)],
                         jnp.int32)  # row 0 sees everything; others only part of the quantized region
+    arrays, layout = quantized_arrays(cache)
     out, mass = jitted(qa.quantized_decode_attention, sliding_window=window, group_reduce=reduce,
-                       backend=backend)(q, cache, q_pos)
-    ref_out, ref_mass = jitted(qa.reference, sliding_window=window, group_reduce=reduce)(q, cache, q_pos)
+                       backend=backend, **layout)(q, *arrays, q_pos)
+    ref_out, ref_mass = jitted(qa.reference, sliding_window=window, group_reduce=reduce, **layout)(q, *arrays, q_pos)
     out_tol, mass_tol = QUANT_TOL[dtype]
     assert out.dtype == q.dtype and mass.shape == cache.pos.shape
     assert_close(out, ref_out, out_tol, "out")
@@ -50,15 +51,16 @@ def test_ring_only_cache():
     assert cache.quantized_slots == 0
     q = _q(4, 2, 4, 32, jnp.float32)
     q_pos = jnp.array([100, 100], jnp.int32)
-    out, mass = jitted(qa.quantized_decode_attention, backend="triton")(q, cache, q_pos)
-    ref_out, ref_mass = jitted(qa.reference)(q, cache, q_pos)
+    arrays, layout = quantized_arrays(cache)
+    out, mass = jitted(qa.quantized_decode_attention, backend="triton", **layout)(q, *arrays, q_pos)
+    ref_out, ref_mass = jitted(qa.reference, **layout)(q, *arrays, q_pos)
     assert_close(out, ref_out, 2e-5, "out")
     assert_close(mass, ref_mass, 2e-6, "mass")
 
 
 def test_unsupported_raise():
-    from pikv_jax.kernels.common import KernelUnsupported
-
     cache = quantized_cache(5, 1, 2, 80, 48, jnp.float32, bits=4, group=16, ring=32)
+    arrays, layout = quantized_arrays(cache)
     with pytest.raises(KernelUnsupported, match="powers of two"):
-        qa.quantized_decode_attention(_q(1, 1, 4, 48, jnp.float32), cache, jnp.array([5]), backend="triton")
+        qa.quantized_decode_attention(_q(1, 1, 4, 48, jnp.float32), *arrays, jnp.array([5]), backend="triton",
+                                      **layout)

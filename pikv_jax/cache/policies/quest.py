@@ -30,6 +30,7 @@ from pikv_jax.attention import dispatch
 from pikv_jax.attention.reference import GROUP_REDUCTIONS
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import LayerCache, init_layer_cache
+from pikv_jax.kernels.quest import page_upper_bound  # noqa: F401 - re-exported (tests/cache/test_quest.py)
 
 
 def page_bounds(k, pos, page_size: int):
@@ -43,23 +44,6 @@ def page_bounds(k, pos, page_size: int):
     kp = k.astype(jnp.float32).reshape(b, hk, c // page_size, page_size, d)
     ok = (pos >= 0).reshape(b, hk, c // page_size, page_size, 1)
     return jnp.min(jnp.where(ok, kp, jnp.inf), axis=3), jnp.max(jnp.where(ok, kp, -jnp.inf), axis=3)
-
-
-def page_upper_bound(q, page_min, page_max, nonempty=None):
-    """U = sum_c max(q_c min_c, q_c max_c) per query head and page.
-
-    q: [B, Hkv, G, D]; page_min, page_max: [B, Hkv, N, D]; nonempty: optional bool[B, Hkv, N]
-    (empty pages get -inf). Returns f32[B, Hkv, G, N].
-    """
-    q = q.astype(jnp.float32)
-    if nonempty is not None:
-        page_min = jnp.where(nonempty[..., None], page_min, 0.0)
-        page_max = jnp.where(nonempty[..., None], page_max, 0.0)
-    u = (jnp.einsum("bhgd,bhnd->bhgn", jnp.maximum(q, 0.0), page_max)
-         + jnp.einsum("bhgd,bhnd->bhgn", jnp.minimum(q, 0.0), page_min))
-    if nonempty is not None:
-        u = jnp.where(nonempty[:, :, None, :], u, -jnp.inf)
-    return u
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
