@@ -29,8 +29,8 @@ import numpy as np
 from pikv_jax.api import PiKVModel
 from pikv_jax.bench import machine_info, measure_bandwidth, time_fn, write_json
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
-from pikv_jax.cache.state import LayerCache, tree_nbytes
 from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.cache.state import LayerCache, tree_nbytes
 from pikv_jax.compress.kivi import QuantizedPolicy
 
 READ_FIELDS = {LayerCache: ("k", "v", "pos"),
@@ -151,7 +151,8 @@ def main():
         kv = kv_bytes_read(cache_shapes(model, policy, len(prompt), args.new_tokens))
         step = param_bytes + kv
         roof = 1000 * step / (bw["read_GBps"] * 1e9)
-        rows.append(dict(cache=name, policy=s["policy"], decode_ms_per_token=ms, decode_ms_per_token_min=min(runs[name]),
+        rows.append(dict(cache=name, policy=s["policy"], decode_ms_per_token=ms,
+                         decode_ms_per_token_min=min(runs[name]),
                          decode_ms_per_token_rounds=runs[name], generate_decode_ms_per_token=s["decode_ms_per_token"],
                          prefill_s=s["prefill_s"], cache_bytes=s["cache_bytes"], full_cache_bytes=s["full_cache_bytes"],
                          param_bytes=param_bytes, kv_bytes_read_per_step=kv, bytes_per_step=step,

@@ -111,8 +111,9 @@ def main(argv=None) -> int:
                      ppl_windows=args.ppl_windows, eviction_cache=args.eviction_cache,
                      eviction_methods=("streaming_llm@{cache}t", "streaming_llm(reindex_positions=True)@{cache}t"),
                      speed_context=args.speed_context, speed_methods=args.speed_methods.split(","),
-                     speed_batches=args.speed_batches, speed_new_tokens=args.speed_new_tokens, table_speed=args.table_speed, out=args.out,
-                     name=args.name, table_context=max(args.contexts), notes=notes, resume=not args.fresh,
+                     speed_batches=args.speed_batches, speed_new_tokens=args.speed_new_tokens,
+                     table_speed=args.table_speed, out=args.out, name=args.name, table_context=max(args.contexts),
+                     notes=notes, resume=not args.fresh,
                      keep_going=True, partial=args.partial, keep_partial=args.keep_partial)
     cfg.validate()
     est = estimate_s(cfg)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from flax import nnx
 
-import numpy_reference
-from pikv_jax.config import RopeScaling, tiny_config
-from pikv_jax.runtime import forward
 from pikv_jax.attention.rope import rope_inv_freq
+from pikv_jax.config import RopeScaling, tiny_config
 from pikv_jax.models.weights import build_model
+from pikv_jax.runtime import forward
 
 LENGTHS = (13, 9)
 

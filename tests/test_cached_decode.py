@@ -8,13 +8,12 @@ SmolLM2 version (slow) runs on three golden prompts of different lengths.
 from __future__ import annotations
 
 import numpy as np
+import numpy_reference
 import pytest
 from flax import nnx
 
 from pikv_jax.config import tiny_config
 from pikv_jax.models.weights import build_model
-
-import numpy_reference
 
 N_STEPS = 6
 PROMPT_LENS = (3, 8, 11)

@@ -10,14 +10,15 @@ The spec grammar is in pikv_jax/compress/factory.py; `pikv generate --help` show
 from __future__ import annotations
 
 import argparse
-from pikv_jax.compress.factory import CompressorChain, compressor_from_spec
+
+from pikv_jax.compress.factory import CompressorChain, compressor_from_spec, parse_compress_spec
 from pikv_jax.runtime.capture import calibration_ids
-from pikv_jax.compress.factory import parse_compress_spec
 
 COMPRESS_HELP = (
     "KV compression, combinable with --policy/--budget: int8 | int4 | int2 [:GROUP[:RESIDUAL]] (KIVI, default "
     "32:128); svd:RANK or svd:ENERGY (e.g. svd:32, svd:0.9); lora:RANK; fastv[:K[:DROP]] (e.g. fastv:2:0.5); "
-    "chunkkv[:RATIO[:CHUNK]]; pyramid[:RATIO[:LEVELS[:DECAY]]]; pikv[:M1,M2,...][@THRESHOLD] (methods gentlest first, e.g. pikv:int8,int4@0.5). "
+    "chunkkv[:RATIO[:CHUNK]]; pyramid[:RATIO[:LEVELS[:DECAY]]]; pikv[:M1,M2,...][@THRESHOLD] (methods "
+    "gentlest first, e.g. pikv:int8,int4@0.5). "
     "Selectors and a layout chain with '+', e.g. chunkkv:0.25+int4. svd, lora and pikv calibrate on the model's "
     "own keys/values for built-in calibration text (the opening of pikv_jax/data/haystack_varied.txt, or "
     "--calibration-text), which takes a few seconds before generation.")

@@ -8,20 +8,20 @@ stderr; with `--json` the last line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import json
 import math
 import sys
 import time
-from pikv_jax.cli.compress_args import add_compress_args
-from pikv_jax.cli.moe_args import add_moe_args
-from pikv_jax.cache.policies import Composite, make_policy
-from pikv_jax.api import PiKVModel
-from pikv_jax.cli.compress_args import apply_compress, validate_compress_args
-from pikv_jax.cli.moe_args import apply_moe_args
-import importlib.metadata as md
+
 import jax
-from pikv_jax.models.registry import bundled_model_path
+
+from pikv_jax.api import PiKVModel
+from pikv_jax.cache.policies import Composite, make_policy
+from pikv_jax.cli.compress_args import add_compress_args, apply_compress, validate_compress_args
+from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args
 from pikv_jax.eval.cli import add_eval_args, cmd_eval
+from pikv_jax.models.registry import bundled_model_path
 from pikv_jax.train.cli import add_distill_args, cmd_distill
 
 
@@ -181,8 +181,10 @@ def cmd_generate(args) -> int:
             print(text)
     if not args.json:
         s = out.stats
-        print(f"[pikv] prefill {s['prefill_tokens_per_s']:.1f} tok/s | decode {s['decode_ms_per_token']:.1f} ms/token | "
-              f"cache {s['cache_bytes'] / 2**20:.2f} MiB allocated vs {s['full_cache_bytes'] / 2**20:.2f} MiB full bf16 | "
+        print(f"[pikv] prefill {s['prefill_tokens_per_s']:.1f} tok/s | "
+              f"decode {s['decode_ms_per_token']:.1f} ms/token | "
+              f"cache {s['cache_bytes'] / 2**20:.2f} MiB allocated vs "
+              f"{s['full_cache_bytes'] / 2**20:.2f} MiB full bf16 | "
               f"fill {100 * s['cache_fill']:.0f}% | compile {s['compile_s']:.1f}s", file=sys.stderr)
     return 0
 

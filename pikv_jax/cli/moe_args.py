@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pikv_jax.config import ModelConfig
-from pikv_jax.moe.routers import ROUTER_KINDS
 from pikv_jax.api import PiKVModel
+from pikv_jax.config import ModelConfig
 from pikv_jax.models.weights import build_model, model_to_hf_weights
+from pikv_jax.moe.routers import ROUTER_KINDS
 
 
 def add_moe_args(parser: argparse.ArgumentParser) -> None:

@@ -197,7 +197,7 @@ class QuantizedPolicy(CachePolicy):
     def decode_slot(self, layer, cache: QuantizedLayerCache, q_pos):
         """Flushes the G oldest ring tokens into a free (or freed) group when the ring is full;
         returns the ring slot (global index Cq + ring index) for the new token."""
-        g, r, cq = self.group_size, cache.residual_slots, cache.quantized_slots
+        r, cq = cache.residual_slots, cache.quantized_slots
         ring_full = cache.ring_count >= r  # [B, Hkv]
         ok = jnp.ones((cache.batch,), bool)
         if cq > 0:
@@ -242,7 +242,7 @@ class QuantizedPolicy(CachePolicy):
                              ring_count=jnp.where(flush, cache.ring_count - g, cache.ring_count))
 
     def write(self, layer, cache: QuantizedLayerCache, k, v, q_pos, slot, active):
-        cq, r = cache.quantized_slots, cache.residual_slots
+        cq = cache.quantized_slots
         b, hk = slot.shape
         act = jnp.broadcast_to(active[:, None], (b, hk))
         ring = (slot - cq)[..., None]
@@ -260,3 +260,5 @@ class QuantizedPolicy(CachePolicy):
 
     def observe(self, layer, cache, mass, q_pos, active):
         return self.inner.observe(layer, cache, mass, q_pos, active)
+
+

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pikv_jax.eval.methods import _split_top
-from pikv_jax.eval.runner import EvalConfig, smoke_config
-from pikv_jax.eval.methods import check_methods
-from pikv_jax.eval.runner import run_eval
+
+from pikv_jax.eval.methods import _split_top, check_methods
+from pikv_jax.eval.runner import EvalConfig, run_eval, smoke_config
 
 
 def _ints(text: str) -> list[int]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pikv_jax.compress.chunkkv import ChunkKVCompressor
 from pikv_jax.compress.fastv import FastVCompressor
 from pikv_jax.compress.lora import LoRACompressor
-from pikv_jax.compress.svd import SVDCompressor
 from pikv_jax.compress.pikv import PiKVCompressor
 from pikv_jax.compress.pyramid import PyramidCompressor
 from pikv_jax.compress.quantized import QuantizedCompressor
+from pikv_jax.compress.svd import SVDCompressor
 from pikv_jax.eval.methods import register_method
 
 _CALIBRATED: dict = {}  # (id(model), method, options) -> calibrated compressor

@@ -13,6 +13,7 @@ averaged over every valid position of every row. The same pass yields the contin
 from __future__ import annotations
 
 import numpy as np
+
 from pikv_jax.cache.policies.base import CachePolicy
 
 

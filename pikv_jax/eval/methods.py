@@ -336,5 +336,5 @@ register_method("quest", _quest)
 register_method("duo_attention", _duo, needs_budget=False)
 
 
-__all__ = ["BuildContext", "Budget", "Method", "MethodBuilder", "available_methods", "lookup", "method_grid", "parse_budget",
-           "duo_retrieval_fraction", "parse_method", "parse_methods", "register_method"]
+__all__ = ["BuildContext", "Budget", "Method", "MethodBuilder", "available_methods", "lookup", "method_grid",
+           "parse_budget", "duo_retrieval_fraction", "parse_method", "parse_methods", "register_method"]

@@ -13,15 +13,15 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Sequence
 
+from tqdm import tqdm
 
+from pikv_jax.api import PiKVModel
+from pikv_jax.bench import machine_info
 from pikv_jax.eval import passkey, perplexity, report
 from pikv_jax.eval.methods import parse_methods
-from pikv_jax.api import PiKVModel
-import traceback
-from pikv_jax.bench import machine_info
-from tqdm import tqdm
 
 TASKS = ("passkey", "ppl", "fidelity", "speed")
 DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
@@ -348,7 +348,8 @@ def goals(payload: dict, *, table_context: int | None) -> dict:
     """The README's three goals, checked on what this run measured (None = not measured)."""
     out: dict = {}
     summary = payload.get("passkey", {}).get("summary", [])
-    rows = [r for r in summary if r["mode"] == "query_aware" and (table_context is None or r["context"] == table_context)]
+    rows = [r for r in summary
+            if r["mode"] == "query_aware" and (table_context is None or r["context"] == table_context)]
     full = next((r["accuracy"] for r in rows if r["method"] == "full"), None)
     quarter = [r for r in rows if report.split_label(r["method"])[1] in ("0.25", "25%")]
     if full is not None and quarter:
@@ -401,8 +402,9 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
         speed = [r for r in payload.get("decode_speed", []) if r["context"] == ctx]
         src = (f"the decode-speed runs at {ctx} tokens, batch {min(r['batch'] for r in speed)}, side by side"
                if speed else "the query-aware passkey runs")
-        parts += [f"Passkey at {ctx} tokens; perplexity / KL with a {payload['meta']['config']['ppl_prefix']}-token "
-                  f"compressed prefix and {payload['meta']['config']['ppl_tokens']} scored tokens; decode ms/token from "
+        conf = payload["meta"]["config"]
+        parts += [f"Passkey at {ctx} tokens; perplexity / KL with a {conf['ppl_prefix']}-token "
+                  f"compressed prefix and {conf['ppl_tokens']} scored tokens; decode ms/token from "
                   f"{src}.", "",
                   report.markdown_table(summary, prefix_ppl=payload.get("prefix_perplexity", []), context=ctx,
                                         speed=speed), ""]
@@ -413,7 +415,8 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
         parts += ["Decode-time eviction (text 4x longer than the cache):", "",
                   report.eviction_table(payload["eviction_perplexity"]), ""]
     if payload.get("decode_speed"):
-        parts += ["Decode speed (measured side by side in one run):", "", report.speed_table(payload["decode_speed"]), ""]
+        parts += ["Decode speed (measured side by side in one run):", "",
+                  report.speed_table(payload["decode_speed"]), ""]
     if payload.get("goals"):
         parts += ["Goals:", ""]
         for k, g in payload["goals"].items():
@@ -423,7 +426,8 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
     for e in payload.get("errors", []):
         parts.append(f"- error: {e['task']} {e['method']}: {e['error']}")
     t = payload["meta"]["timings"]
-    parts.append(f"Runtime: {t.get('total_s', 0) / 60:.1f} min on {payload['meta']['machine'].get('cpu_count')} CPU(s).")
+    cpus = payload["meta"]["machine"].get("cpu_count")
+    parts.append(f"Runtime: {t.get('total_s', 0) / 60:.1f} min on {cpus} CPU(s).")
     for n in payload["meta"].get("notes", []):
         parts.append(f"Note: {n}")
     return "\n".join(parts) + "\n"

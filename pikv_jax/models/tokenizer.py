@@ -7,8 +7,9 @@ import json
 import os
 from typing import Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 import jinja2.sandbox
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 # llama.cpp's `tokenizer.ggml.pre` names -> pre-tokenizer. Regexes as published by each model family.
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -107,7 +108,8 @@ class Tokenizer:
         tok.add_special_tokens(control)
         if user:
             tok.add_tokens(user)
-        return cls(tok, bos_token_id=get("tokenizer.ggml.bos_token_id"), eos_token_id=get("tokenizer.ggml.eos_token_id"),
+        return cls(tok, bos_token_id=get("tokenizer.ggml.bos_token_id"),
+                   eos_token_id=get("tokenizer.ggml.eos_token_id"),
                    add_bos=bool(get("tokenizer.ggml.add_bos_token", False)),
                    chat_template=get("tokenizer.chat_template"))
 

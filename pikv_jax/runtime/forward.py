@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from pikv_jax.attention import dispatch
+from pikv_jax.attention.rope import apply_rope
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import KVCache
-from pikv_jax.attention.rope import apply_rope
 from pikv_jax.models.llama import CausalLM
 
 

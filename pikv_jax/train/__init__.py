@@ -7,12 +7,17 @@ lora / duo / moe (the students), trainer (the loop), cli. The optimizer, jitted 
 parallelism are in pikv_jax/trainstep.py (the MoE layer's seed `distillation_step` uses them too).
 """
 
-from pikv_jax.train.checkpoint import CheckpointError, Checkpointer
-from pikv_jax.train.config import DistillConfig, load_config
 from pikv_jax.moe.distill import SeedOptimizer, distillation_step
-from pikv_jax.train.strategies import (AttentionOutputDistillation, Combined, HiddenStateDistillation,
-                                       LogitDistillation, Strategy)
 from pikv_jax.train import duo, lora, moe  # noqa: F401 - each registers its task
+from pikv_jax.train.checkpoint import Checkpointer, CheckpointError
+from pikv_jax.train.config import DistillConfig, load_config
+from pikv_jax.train.strategies import (
+                                       AttentionOutputDistillation,
+                                       Combined,
+                                       HiddenStateDistillation,
+                                       LogitDistillation,
+                                       Strategy,
+)
 from pikv_jax.train.task import build_task
 from pikv_jax.train.trainer import train
 

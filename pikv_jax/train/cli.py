@@ -14,6 +14,7 @@ import json
 import logging
 import pathlib
 import sys
+
 from pikv_jax.train.config import dump_config, load_config
 from pikv_jax.train.trainer import train
 

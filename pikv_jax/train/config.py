@@ -75,7 +75,8 @@ class DataSection:
         _check(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _check(0 <= self.prefix_len < self.seq_len,
                f"data.prefix_len must be in [0, seq_len={self.seq_len}), got {self.prefix_len}")
-        _check(0.0 < self.heldout_fraction < 1.0, f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(0.0 < self.heldout_fraction < 1.0,
+               f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(len(self.text_files) >= 1, "data.text_files must name at least one file")
         _check(2 <= self.key_len <= self.seq_len // 4, f"data.key_len must be in [2, seq_len/4], got {self.key_len}")
 

@@ -26,9 +26,8 @@ import os
 from typing import Sequence
 
 import numpy as np
-from pikv_jax.eval.passkey import split_heldout
-from pikv_jax.eval.passkey import CharCodec, TokenizerCodec, make_haystack
-from pikv_jax.eval.passkey import build_case, question_text
+
+from pikv_jax.eval.passkey import CharCodec, TokenizerCodec, build_case, make_haystack, question_text, split_heldout
 
 HELDOUT_STREAM = 1_000_003  # seed offset of held-out batches (never a training step)
 

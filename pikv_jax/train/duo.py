@@ -33,15 +33,15 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.attention.reference import NEG_INF, visible
-from pikv_jax.calibrate import duo as dc
-from pikv_jax.train import strategies as st
-from pikv_jax.train.forward import forward_train, stop_gradient
-from pikv_jax.train.task import Task, register_task
+from pikv_jax.cache.policies.base import CachePolicy
 from pikv_jax.cache.policies.duo_attention import DuoAttention
-from pikv_jax.train.data import planted_passkey_row
+from pikv_jax.calibrate import duo as dc
 from pikv_jax.eval import passkey as pk
 from pikv_jax.eval.methods import Method
-from pikv_jax.cache.policies.base import CachePolicy
+from pikv_jax.train import strategies as st
+from pikv_jax.train.data import planted_passkey_row
+from pikv_jax.train.forward import forward_train, stop_gradient
+from pikv_jax.train.task import Task, register_task
 
 
 class GateParam(nnx.Param):

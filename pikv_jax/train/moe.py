@@ -17,7 +17,6 @@ The seed's `PiKVMoE.distillation_step` is in pikv_jax/moe/distill.py (same funct
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 from flax import nnx
 

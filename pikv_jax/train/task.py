@@ -18,14 +18,14 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
+import jax
 from flax import nnx
 
 from pikv_jax.api import PiKVModel, parse_dtype
+from pikv_jax.config import tiny_config
 from pikv_jax.train.config import DistillConfig
 from pikv_jax.train.data import Batches, make_batches
-from pikv_jax.config import tiny_config
 from pikv_jax.trainstep import make_eval_step
-import jax
 
 
 def load_base_model(cfg: DistillConfig) -> PiKVModel:

@@ -31,13 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from tqdm import tqdm
 
 from pikv_jax.train.checkpoint import Checkpointer, abstract_like
 from pikv_jax.train.config import DistillConfig, config_from_dict, dump_config
+from pikv_jax.train.task import build_task
 from pikv_jax.trainstep import count_params, data_mesh, make_optimizer, make_train_step, shard_batch, split_trainable
 from pikv_jax.trainstep import replicate as _replicate
-from tqdm import tqdm
-from pikv_jax.train.task import build_task
 
 log = logging.getLogger("pikv_jax")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 
+import policy_helpers as ph
 import pytest
 
-import policy_helpers as ph
 from pikv_jax.cache.policies import H2O, POLICIES, CachePolicy, Composite, SnapKV, StreamingLLM, make_policy
 
 NAMES = sorted(POLICIES)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import policy_helpers as ph
 import pytest
 
-import policy_helpers as ph
 from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies import CachePolicy, policy_class
 from pikv_jax.models.weights import build_model

@@ -31,11 +31,11 @@ Layouts are read through `head_positions()` / `resident_per_head()` so pooled la
 from __future__ import annotations
 
 import numpy as np
+import policy_helpers as ph
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import policy_helpers as ph
 from pikv_jax.cache.policies import TOVA
 
 S = 16  # padded prompt length of every configuration

@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import policy_helpers as ph
 import pytest
 
-import policy_helpers as ph
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies import H2O, LRU, TOVA, CachePolicy, KeyDiff, Knorm, PyramidKV, SnapKV, StreamingLLM
 from pikv_jax.cache.policies.base import PrefillContext, protected_mask, select_top

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from policy_helpers import model_trace, tiny_pikv
 
 from pikv_jax.cache.policies import Composite, Quest, SnapKV, make_policy
-from pikv_jax.cache.policies.quest import page_bounds, page_upper_bound
+from pikv_jax.cache.policies.quest import page_bounds
 from pikv_jax.cache.state import init_layer_cache
+from pikv_jax.kernels.quest import page_upper_bound
 
 bounds_fn = jax.jit(page_bounds, static_argnums=2)
 upper_fn = jax.jit(page_upper_bound)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import numpy_reference as npr
 import policy_helpers as ph
+
 from pikv_jax.cache.policies import StreamingLLM
 
 N_SINK = 2

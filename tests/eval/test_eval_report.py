@@ -13,7 +13,8 @@ def _summary():
     for method, acc, kept in [("full", 1.0, 8.0), ("h2o@0.5", 0.75, 4.0), ("h2o@0.25", 0.5, 2.0),
                               ("snapkv@0.5", 1.0, 4.0), ("snapkv@0.25", 0.75, 2.0)]:
         for mode in ("query_aware", "query_agnostic"):
-            rows.append(dict(method=method, mode=mode, context=2048, n=4, accuracy=acc if mode == "query_aware" else acc / 2,
+            rows.append(dict(method=method, mode=mode, context=2048, n=4,
+                             accuracy=acc if mode == "query_aware" else acc / 2,
                              kept_tokens=kept * 10, kept_bytes=kept * R.MiB, cache_bytes=2 * kept * R.MiB,
                              full_cache_bytes=8 * R.MiB, decode_ms_per_token=10 * kept, kept_fraction=kept / 8))
     return rows
@@ -77,7 +78,8 @@ def test_run_eval_on_tiny_model(tmp_path):
     from pikv_jax.eval.runner import EvalConfig, run_eval
 
     model = PiKVModel.from_config(tiny_config(max_position_embeddings=2048))
-    cfg = EvalConfig(model="tiny", methods=("full", "snapkv(obs_window=8)@0.25"), tasks=("passkey", "ppl", "fidelity", "speed"),
+    cfg = EvalConfig(model="tiny", methods=("full", "snapkv(obs_window=8)@0.25"),
+                     tasks=("passkey", "ppl", "fidelity", "speed"),
                      contexts=(320,), depths=(0.5,), seeds=(0,), haystacks=("varied",), keys=(1,), max_new_tokens=2,
                      batch_size=1, ppl_prefix=64, ppl_tokens=8, ppl_windows=2, eviction_cache=32, eviction_factor=4,
                      speed_context=256, speed_methods=("full", "snapkv(obs_window=8)@0.25"), speed_new_tokens=3,
@@ -96,7 +98,8 @@ def test_run_eval_on_tiny_model(tmp_path):
     assert set(ev) == {"full", "streaming_llm@32t"} and ev["streaming_llm@32t"]["text_tokens"] == 128
     assert all(math.isfinite(r["ppl"]) for r in ev.values())
     sp = {r["method"]: r for r in data["decode_speed"]}
-    assert sp["full"]["ratio_vs_full"] == 1.0 and sp["snapkv(obs_window=8)@0.25"]["cache_bytes"] < sp["full"]["cache_bytes"]
+    assert sp["full"]["ratio_vs_full"] == 1.0
+    assert sp["snapkv(obs_window=8)@0.25"]["cache_bytes"] < sp["full"]["cache_bytes"]
     assert set(data["goals"]) == {"passkey_25pct", "decode_4k_25pct", "streaming_llm_ppl"}
     assert data["goals"]["passkey_25pct"]["best_method"] == "snapkv(obs_window=8)@0.25"
     md = (tmp_path / "tiny.md").read_text()

@@ -15,10 +15,12 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding  # noqa: E402
+from jax.sharding import NamedSharding, SingleDeviceSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from distill_helpers import CONFIGS, TINY_LORA, checkpoint_state  # noqa: E402
+
 from pikv_jax.parallel.mesh import make_mesh  # noqa: E402
 from pikv_jax.train.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from pikv_jax.train.config import load_config  # noqa: E402

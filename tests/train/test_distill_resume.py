@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 import pytest
-
 from distill_helpers import CONFIGS, TINY_LORA, array_files, checkpoint_state, cli_env, distill_cmd, garble, run_distill
+
 from pikv_jax.train.checkpoint import CheckpointError
 from pikv_jax.train.cli import main as distill_main
 from pikv_jax.train.config import load_config

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pikv_jax.train.forward import Outputs
-from pikv_jax.train.strategies import (AttentionOutputDistillation, Combined, HiddenStateDistillation,
-                                       LogitDistillation, from_loss_config)
 from pikv_jax.train.config import LossSection
+from pikv_jax.train.forward import Outputs
+from pikv_jax.train.strategies import (
+    AttentionOutputDistillation,
+    Combined,
+    HiddenStateDistillation,
+    LogitDistillation,
+    from_loss_config,
+)
 
 
 def _np_log_softmax(x):

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from distill_helpers import CONFIGS, TINY_DUO, TINY_LORA, TINY_MOE, planted_model
 from flax import nnx
 
-from distill_helpers import CONFIGS, TINY_DUO, TINY_LORA, TINY_MOE, planted_model
 from pikv_jax.config import tiny_config
 from pikv_jax.runtime.forward import forward_full
 from pikv_jax.train.config import load_config
-from pikv_jax.train.forward import forward_train, masked_attention, apply_probs
+from pikv_jax.train.forward import apply_probs, forward_train, masked_attention
 from pikv_jax.train.task import build_task
 from pikv_jax.train.trainer import train
 
@@ -182,8 +182,8 @@ def test_moe_student_lowers_heldout_distillation_loss(tmp_path):
 
 
 def test_seed_distillation_step_trains_a_pikv_moe_in_place():
-    from pikv_jax.moe.pikv_moe import PiKVMoE
     from pikv_jax.moe.distill import SeedOptimizer, distillation_step
+    from pikv_jax.moe.pikv_moe import PiKVMoE
 
     moe = PiKVMoE(16, 4, 2, rank=2, use_distillation=True, teacher_hidden_size=24, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)

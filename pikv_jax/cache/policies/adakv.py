@@ -17,8 +17,8 @@ Each head thus keeps protected + safe + its share of the global top-k; the layer
 Hkv x row budget tokens per row. The selection is stored in a pooled layout (`PooledLayerCache`:
 P = Hkv x (budget + max_new_tokens) slots per row, each tagged with its head), so memory is the
 budget, not Hkv x the largest head (plus 4 bytes per slot for the head tag: against a uniform
-SnapKV cache of the same budget that is 12 vs 8 bytes of metadata per slot). Decoded tokens are appended (one per head per step), as in the
-paper's Ada-SnapKV; there is no decode-time eviction.
+SnapKV cache of the same budget that is 12 vs 8 bytes of metadata per slot). Decoded tokens are
+appended (one per head per step), as in the paper's Ada-SnapKV; there is no decode-time eviction.
 
 The safeguard follows kvpress's AdaKV (a per-head top floor, then a global top-k); the authors'
 repository instead blends the global counts n_h into alpha * B + (1 - alpha) * n_h. Both give
@@ -36,8 +36,14 @@ import jax.numpy as jnp
 
 from pikv_jax.cache.policies.base import PrefillContext, protected_mask
 from pikv_jax.cache.policies.snapkv import SnapKV
-from pikv_jax.cache.pooled import (PooledLayerCache, free_slots, gather_prompt_pooled, init_pooled_cache,
-                                   pooled_decode_attention, write_token_pooled)
+from pikv_jax.cache.pooled import (
+    PooledLayerCache,
+    free_slots,
+    gather_prompt_pooled,
+    init_pooled_cache,
+    pooled_decode_attention,
+    write_token_pooled,
+)
 
 
 def _rank(score, ok):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache import ops
+from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache.state import LayerCache
 
 

@@ -31,8 +31,14 @@ import numpy as np
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.policies.duo_pattern import load_pattern
-from pikv_jax.cache.pooled import (PooledLayerCache, gather_prompt_pooled, init_pooled_cache,
-                                   pooled_decode_attention, segments_from_sizes, write_token_pooled)
+from pikv_jax.cache.pooled import (
+    PooledLayerCache,
+    gather_prompt_pooled,
+    init_pooled_cache,
+    pooled_decode_attention,
+    segments_from_sizes,
+    write_token_pooled,
+)
 
 Pattern = tuple[tuple[bool, ...], ...]
 
@@ -46,7 +52,8 @@ def as_pattern(pattern) -> Pattern:
     try:
         rows = [list(r) for r in pattern]
     except TypeError as e:
-        raise ValueError(f"pattern must be a sequence of per-layer sequences of bools, got {type(pattern).__name__}") from e
+        raise ValueError("pattern must be a sequence of per-layer sequences of bools, got "
+                         f"{type(pattern).__name__}") from e
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("pattern must have at least one layer and one KV head per layer")
     if len({len(r) for r in rows}) != 1:
@@ -89,7 +96,8 @@ class DuoAttention(CachePolicy):
             raise ValueError("duo_attention: decode_evict must be False (streaming heads always evict their oldest "
                              "non-sink token; retrieval heads never evict)")
         if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1 (the streaming heads' recent window), got {self.window!r}")
+            raise ValueError("window must be an integer >= 1 (the streaming heads' recent window), "
+                             f"got {self.window!r}")
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}")
         super().__post_init__()

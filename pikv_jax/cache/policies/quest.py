@@ -30,7 +30,7 @@ from pikv_jax.attention import dispatch
 from pikv_jax.attention.reference import GROUP_REDUCTIONS
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import LayerCache, init_layer_cache
-from pikv_jax.kernels.quest import page_upper_bound  # noqa: F401 - re-exported (tests/cache/test_quest.py)
+from pikv_jax.intmath import round_up
 
 
 def page_bounds(k, pos, page_size: int):
@@ -98,7 +98,7 @@ class Quest(CachePolicy):
         return min(max(3, self.token_budget // self.page_size), capacity // self.page_size)
 
     def _round_up(self, capacity: int) -> int:
-        return -(-capacity // self.page_size) * self.page_size
+        return round_up(capacity, self.page_size)
 
     def _check(self, cache: LayerCache):
         if cache.capacity % self.page_size:

@@ -17,9 +17,9 @@ from typing import ClassVar
 import jax.numpy as jnp
 
 from pikv_jax.attention import reference
+from pikv_jax.attention.rope import rotate
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import LayerCache
-from pikv_jax.attention.rope import rotate
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
