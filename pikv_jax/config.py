@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+
 from pikv_jax.moe.routers import ROUTER_KINDS
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen2_moe", "qwen3_moe")
@@ -145,51 +146,60 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-        """Builds a config from a Hugging Face `config.json` mapping."""
+    def from_hf_dict(cls, cfg: Mapping[str, Any], *, source: str = "config.json") -> "ModelConfig":
+        """Builds a config from a Hugging Face `config.json` mapping. A missing, mistyped or out-of-range
+        field raises a one-line ValueError that starts with `source` (the file) and names the field."""
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{source}: must hold a JSON object of model settings, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         arch = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "mixtral": "mixtral",
                 "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}.get(model_type)
         if arch is None:
-            raise ValueError(f"config.json model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
+            raise ValueError(f"{source}: model_type={model_type!r} is not supported; allowed: {ARCHITECTURES}")
+        f = _HFFields(cfg, source)
         rs = cfg.get("rope_scaling") or None
-        rope_scaling = None
-        if rs:
-            rope_type = rs.get("rope_type", rs.get("type", "default"))
-            rope_scaling = RopeScaling(
-                rope_type=rope_type,
-                factor=float(rs.get("factor", 1.0)),
-                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+        if rs is not None and not isinstance(rs, Mapping):
+            raise ValueError(f"{source}: field 'rope_scaling' must be an object or null, got {rs!r}")
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None:  # transformers >= 5 nests it in rope_parameters
-            rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return cls(
-            architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            num_attention_heads=int(cfg["num_attention_heads"]),
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            head_dim=cfg.get("head_dim"),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
-            sliding_window=(cfg.get("sliding_window")
-                            if (arch in ("mistral", "mixtral") or cfg.get("use_sliding_window")) else None),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=eos,
-            **_moe_from_hf(arch, cfg),
-        )
+            nested = cfg.get("rope_parameters") or {}
+            rope_theta = nested.get("rope_theta") if isinstance(nested, Mapping) else None
+        n_heads = f.integer("num_attention_heads")
+        try:
+            r = _HFFields(rs or {}, source, "rope_scaling.")
+            rope_scaling = None if not rs else RopeScaling(
+                rope_type=rs.get("rope_type", rs.get("type", "default")), factor=r.number("factor", 1.0),
+                low_freq_factor=r.number("low_freq_factor", 1.0), high_freq_factor=r.number("high_freq_factor", 4.0),
+                original_max_position_embeddings=r.integer("original_max_position_embeddings", 8192))
+            return cls(
+                architecture=arch,
+                vocab_size=f.integer("vocab_size"),
+                hidden_size=f.integer("hidden_size"),
+                intermediate_size=f.integer("intermediate_size"),
+                num_hidden_layers=f.integer("num_hidden_layers"),
+                num_attention_heads=n_heads,
+                num_key_value_heads=f.integer("num_key_value_heads", n_heads),
+                head_dim=f.integer("head_dim", None),
+                rope_theta=_HFFields({"rope_theta": rope_theta}, source).number("rope_theta", 10000.0),
+                rope_scaling=rope_scaling,
+                rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+                max_position_embeddings=f.integer("max_position_embeddings", 4096),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
+                qk_norm=arch in ("qwen3", "qwen3_moe"),
+                sliding_window=(f.integer("sliding_window", None)
+                                if (arch in ("mistral", "mixtral") or cfg.get("use_sliding_window")) else None),
+                bos_token_id=f.integer("bos_token_id", None),
+                eos_token_id=_HFFields({"eos_token_id": eos}, source).integer("eos_token_id", None),
+                **_moe_from_hf(arch, f),
+            )
+        except ValueError as e:  # range checks of RopeScaling / ModelConfig: say which file they came from
+            if str(e).startswith(source):
+                raise
+            raise ValueError(f"{source}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The inverse of `from_hf_dict`, for writing a Hugging Face checkpoint folder."""
@@ -214,26 +224,58 @@ class ModelConfig:
         return d
 
 
-def _moe_from_hf(arch: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+class _HFFields:
+    """Typed reads of a config.json mapping; errors name the file, the field and what is allowed."""
+
+    _REQUIRED = object()
+
+    def __init__(self, cfg: Mapping[str, Any], source: str, prefix: str = ""):
+        self.cfg, self.source, self.prefix = cfg, source, prefix
+
+    def _get(self, key: str, default, kind: str):
+        value = self.cfg.get(key)
+        if value is None:
+            if default is self._REQUIRED:
+                raise ValueError(f"{self.source}: required field {self.prefix}{key!r} is missing; expected {kind}")
+            return default
+        return value
+
+    def integer(self, key: str, default=_REQUIRED) -> int | None:
+        value = self._get(key, default, "an integer >= 1")
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{self.source}: field {self.prefix}{key!r} must be an integer, got {value!r}")
+
+    def number(self, key: str, default=_REQUIRED) -> float:
+        value = self._get(key, default, "a number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{self.source}: field {self.prefix}{key!r} must be a number, got {value!r}")
+
+
+def _moe_from_hf(arch: str, f: _HFFields) -> dict[str, Any]:
     """MoE fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config.json (empty for dense models)."""
+    cfg = f.cfg
     if arch == "mixtral":
-        return dict(num_experts=int(cfg.get("num_local_experts", 8)),
-                    num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
-                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
-                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+        return dict(num_experts=f.integer("num_local_experts", 8),
+                    num_experts_per_tok=f.integer("num_experts_per_tok", 2),
+                    moe_intermediate_size=f.integer("intermediate_size"), norm_topk_prob=True,
+                    router_aux_loss_coef=f.number("router_aux_loss_coef", 0.001))
     if arch in ("qwen2_moe", "qwen3_moe"):
-        step = int(cfg.get("decoder_sparse_step", 1))
+        step = f.integer("decoder_sparse_step", 1)
         dense_layers = list(cfg.get("mlp_only_layers") or [])
         if step != 1 or dense_layers:
-            raise ValueError(f"config.json: decoder_sparse_step={step} and mlp_only_layers={dense_layers} mix "
+            raise ValueError(f"{f.source}: decoder_sparse_step={step} and mlp_only_layers={dense_layers} mix "
                              "dense and MoE layers, which is not supported; allowed: decoder_sparse_step=1, "
                              "mlp_only_layers=[]")
-        return dict(num_experts=int(cfg["num_experts"]), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
-                    moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-                    shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size", 0) or 0)
+        return dict(num_experts=f.integer("num_experts"), num_experts_per_tok=f.integer("num_experts_per_tok", 2),
+                    moe_intermediate_size=f.integer("moe_intermediate_size"),
+                    shared_expert_intermediate_size=f.integer("shared_expert_intermediate_size", 0)
                     if arch == "qwen2_moe" else 0,
                     norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                    router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+                    router_aux_loss_coef=f.number("router_aux_loss_coef", 0.001))
     return {}
 
 

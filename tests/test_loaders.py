@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import gguf
 import numpy as np
+import numpy_reference
 import pytest
 from flax import nnx
 
-import numpy_reference
 from pikv_jax.config import tiny_config
 from pikv_jax.models.gguf_loader import load_gguf, unpermute_qk
-from pikv_jax.models.hf_loader import INDEX_FILE, load_hf_folder, save_hf_folder
+from pikv_jax.models.hf_loader import (
+    INDEX_FILE,
+    MissingCheckpointFile,
+    load_hf_config,
+    load_hf_folder,
+    save_hf_folder,
+    weights_source,
+)
 from pikv_jax.models.registry import bundled_model_path, load_pretrained, resolve
 from pikv_jax.models.weights import build_model, expected_hf_names, model_to_hf_weights
 
@@ -231,3 +239,39 @@ def test_smollm2_hf_folder_loads_to_the_gguf_logits(tmp_path, smollm2, smollm2_s
         assert hf.tokenizer.decode(p["input_ids"], skip_special_tokens=False) == p["text"]
     assert hf.tokenizer.chat_template == smollm2.tokenizer.chat_template
     assert hf.stop_ids() == smollm2.stop_ids()
+
+
+def test_sharded_folder_errors_name_the_index_and_missing_files_are_value_errors(tmp_path, tiny_lm):
+    """Tensors missing from a sharded folder are reported against its index file; a folder without
+    weights raises an error that is both a FileNotFoundError and a ValueError."""
+    model, _ = tiny_lm
+    weights = {k: np.asarray(v) for k, v in model_to_hf_weights(model.model).items()}
+    weights.pop("model.layers.0.mlp.gate_proj.weight")
+    save_hf_folder(str(tmp_path), model.config, weights, max_shard_bytes=max(a.nbytes for a in weights.values()))
+    assert weights_source(str(tmp_path)) == str(tmp_path / INDEX_FILE)
+    with pytest.raises(ValueError, match=rf"{INDEX_FILE}: missing tensors .*mlp\.gate_proj\.weight"):
+        load_pretrained(str(tmp_path))
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    (tmp_path / INDEX_FILE).write_text(json.dumps(dict(index, weight_map={"model.norm.weight": 3})))
+    with pytest.raises(ValueError, match=rf"{INDEX_FILE}: field 'weight_map' holds 3; expected shard file names"):
+        load_hf_folder(str(tmp_path))
+    os.remove(tmp_path / INDEX_FILE)
+    with pytest.raises(MissingCheckpointFile, match="no weights in") as e:
+        load_hf_folder(str(tmp_path))
+    assert isinstance(e.value, ValueError) and isinstance(e.value, FileNotFoundError)
+
+
+def test_hf_config_field_types(tmp_path):
+    """Integral floats are accepted for integer fields; booleans, strings and bad nested values are
+    rejected naming the file and the field."""
+    base = tiny_config("llama").to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps(dict(base, hidden_size=64.0)))
+    assert load_hf_config(str(tmp_path)).hidden_size == 64
+    for bad, pattern in [(dict(base, num_hidden_layers=True), r"'num_hidden_layers' must be an integer, got True"),
+                         (dict(base, rms_norm_eps="small"), r"'rms_norm_eps' must be a number, got 'small'"),
+                         (dict(base, rope_scaling="yarn"), r"'rope_scaling' must be an object or null"),
+                         (dict(base, rope_scaling={"rope_type": "yarn"}), r"rope_type='yarn' is not supported"),
+                         (dict(base, num_key_value_heads=3), r"must be a multiple of num_key_value_heads=3")]:
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "config.json")) + ": .*" + pattern):
+            load_hf_config(str(tmp_path))

@@ -7,48 +7,71 @@ import json
 import os
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from pikv_jax.config import ModelConfig
 from pikv_jax.models.tokenizer import Tokenizer
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+class MissingCheckpointFile(FileNotFoundError, ValueError):
+    """A file a checkpoint folder needs is absent: both a missing file and a malformed model folder."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message with its whitespace (newlines included) collapsed, for one-line errors."""
+    return " ".join(str(e).split())
+
+
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {one_line(e)})") from e
 
 
 def load_hf_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json in {folder!r}")
-    return ModelConfig.from_hf_dict(_read_json(path))
+        raise MissingCheckpointFile(f"no config.json in {folder!r}: a Hugging Face model folder needs one")
+    return ModelConfig.from_hf_dict(_read_json(path), source=path)
 
 
 def safetensors_files(folder: str) -> list[str]:
     """The checkpoint's weight files: from the shard index if present, else model.safetensors."""
     index = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index!r} has no weight_map")
+            raise ValueError(f"{index}: field 'weight_map' is missing or empty; expected an object mapping "
+                             "tensor names to shard file names")
+        bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"{index}: field 'weight_map' holds {bad[0]!r}; expected shard file names (strings)")
         files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
-        raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder!r}")
+        raise MissingCheckpointFile(f"no weights in {folder!r}: expected {SINGLE_FILE} or {INDEX_FILE} "
+                                    "next to config.json")
     paths = [os.path.join(folder, f) for f in files]
     for p in paths:
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"checkpoint shard listed in the index is missing: {p!r}")
+        if not os.path.isfile(p):
+            raise MissingCheckpointFile(f"checkpoint shard listed in {index} is missing: {p!r}")
     return paths
+
+
+def weights_source(folder: str) -> str:
+    """The file to name in errors about the folder's tensors: model.safetensors, or the shard index."""
+    files = safetensors_files(folder)
+    return files[0] if len(files) == 1 else os.path.join(folder, INDEX_FILE)
 
 
 def load_hf_weights(folder: str, *, progress=None) -> dict:
@@ -60,21 +83,32 @@ def load_hf_weights(folder: str, *, progress=None) -> dict:
             with safe_open(path, framework="flax") as f:
                 for name in f.keys():
                     out[name] = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({one_line(e)})") from e
         if progress is not None:
             progress(i + 1, len(files))
     return out
 
 
+def load_hf_tokenizer(folder: str) -> Tokenizer | None:
+    """The folder's tokenizer (tokenizer.json, with tokenizer_config.json), or None without tokenizer.json."""
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return None
+    try:
+        return Tokenizer.from_hf_folder(folder)
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{os.path.join(folder, 'tokenizer.json')} (or tokenizer_config.json): not a readable "
+                         f"tokenizer ({type(e).__name__}: {one_line(e)})") from e
+
+
 def load_hf_folder(folder: str, *, progress=None):
-    """(config, weights, tokenizer or None) of a Hugging Face checkpoint folder."""
+    """(config, weights, tokenizer or None) of a Hugging Face checkpoint folder. Malformed files raise a
+    one-line ValueError naming the file and the field."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder!r}")
     cfg = load_hf_config(folder)
     weights = load_hf_weights(folder, progress=progress)
-    tok = Tokenizer.from_hf_folder(folder) if os.path.exists(os.path.join(folder, "tokenizer.json")) else None
-    return cfg, weights, tok
+    return cfg, weights, load_hf_tokenizer(folder)
 
 
 def save_hf_folder(folder: str, cfg: ModelConfig, weights: dict, tokenizer: Tokenizer | None = None,

