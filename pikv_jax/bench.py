@@ -1,41 +1,48 @@
 """Helpers shared by benchmark scripts: the device and its copy ceiling measured in the same run,
-timing of jitted functions, and JSON output with the machine described. Imports only jax, numpy
-and the standard library, so any layer's benchmark can use it."""
+timing of jitted functions, interleaved rounds with their median and min-max range, the goal rule,
+and JSON output with the machine described. Imports only jax, numpy and the standard library, so any
+layer's benchmark can use it.
+
+The timing protocol (ARCHITECTURE.md section 7): warm-up, then at least `MIN_ROUNDS` interleaved
+rounds over all compared configurations (round r times A, then B, then C, ...); every configuration
+reports its median and min-max; a ratio is the ratio of medians of the same run, its range is the
+min-max of the per-round ratios (the rounds are interleaved, so round r of A and of B saw the same
+load); a goal is met only when the whole range is on the right side of it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
+import statistics
 import time
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of `fn(*args)` (outputs blocked on), after `warmup` untimed calls."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def measure_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 7) -> dict:
-    """Device memory bandwidth in GB/s: `read` (a reduction over nbytes) and `copy` (scale: read + write)."""
+    """Device memory bandwidth in GB/s: `read` (a reduction over nbytes) and `copy` (scale: read + write),
+    in `repeats` interleaved rounds after a warm-up; the GB/s are from the median times, and
+    `*_GBps_spread` ({median, min, max}) from the median, slowest and fastest rounds."""
     n = nbytes // 4
     x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
     read = jax.jit(lambda a: jnp.sum(a))
     copy = jax.jit(lambda a: a * 1.0001)
-    t_read = time_fn(read, x, repeats=repeats)
-    t_copy = time_fn(copy, x, repeats=repeats)
-    return {"read_GBps": nbytes / t_read / 1e9, "copy_GBps": 2 * nbytes / t_copy / 1e9, "bytes": nbytes}
+    r = interleaved_rounds({"read": lambda: read(x), "copy": lambda: copy(x)}, rounds=repeats)
+    out: dict = {"bytes": nbytes, "rounds": repeats}
+    for name, moved in (("read", nbytes), ("copy", 2 * nbytes)):
+        s = r.stats(name)
+        out[f"{name}_GBps"] = moved / s["median"] / 1e9
+        out[f"{name}_GBps_spread"] = {"median": out[f"{name}_GBps"], "min": moved / s["max"] / 1e9,
+                                      "max": moved / s["min"] / 1e9}
+        out[f"{name}_s"] = s
+    return out
 
 
 def timed(fn, *args, iters: int = 10, repeats: int = 5) -> float:
@@ -88,6 +95,120 @@ def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+# ---------------------------------------------------------------- interleaved rounds
+
+MIN_ROUNDS = 5  # the protocol's minimum; fewer are allowed (smoke runs) and recorded as such
+
+
+def spread(values: Sequence[float]) -> dict:
+    """{"median", "min", "max", "rounds"} of one configuration's per-round values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("spread of no values")
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "rounds": vals}
+
+
+RANGE_PER_ROUND = "per-round ratios of the interleaved rounds"
+RANGE_CONSERVATIVE = "conservative: min(num)/max(den) to max(num)/min(den)"
+
+
+def ratio_spread(num: Sequence[float], den: Sequence[float], *, paired: bool = True) -> dict:
+    """The ratio num/den of two configurations timed in the same run: "median" is the ratio of the
+    medians; "min"/"max" the range of the per-round ratios when the rounds are `paired` (interleaved,
+    same count), else the conservative range from the extremes. "range_from" says which."""
+    a, b = spread(num), spread(den)
+    out = {"median": a["median"] / b["median"]}
+    if paired and len(a["rounds"]) == len(b["rounds"]):
+        per = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+        out.update(min=min(per), max=max(per), rounds=per, range_from=RANGE_PER_ROUND)
+    else:
+        out.update(min=a["min"] / b["max"], max=a["max"] / b["min"], range_from=RANGE_CONSERVATIVE)
+    return out
+
+
+def goal(value: Mapping, *, at_most: float | None = None, at_least: float | None = None, what: str = "") -> dict:
+    """The goal rule: `met` only when the whole range [value["min"], value["max"]] is on the right
+    side (max <= at_most, min >= at_least). `median_meets` says whether the median alone would,
+    so a goal that the noise straddles shows as met=False, median_meets=True."""
+    if at_most is None and at_least is None:
+        raise ValueError("a goal needs at_most or at_least")
+    lo, hi, med = value["min"], value["max"], value["median"]
+
+    def ok(x, y):
+        return (at_most is None or x <= at_most) and (at_least is None or y >= at_least)
+
+    return {"goal": what, "at_most": at_most, "at_least": at_least, "median": med, "range": [lo, hi],
+            "range_from": value.get("range_from", "min-max of the rounds"),
+            "met": bool(ok(hi, lo)), "median_meets": bool(ok(med, med)),
+            "rule": "met only when the whole range meets the goal"}
+
+
+@dataclasses.dataclass
+class Rounds:
+    """Per-configuration values of interleaved rounds. `order` lists (round, name) in the order the
+    calls ran, warm-up rounds numbered -warmup..-1; `warmup` keeps their (discarded) values."""
+
+    names: list[str]
+    values: dict[str, list[float]]
+    warmup: dict[str, list[float]]
+    order: list[tuple[int, str]]
+
+    def stats(self, name: str) -> dict:
+        return spread(self.values[name])
+
+    def ratio(self, num: str, den: str) -> dict:
+        return ratio_spread(self.values[num], self.values[den], paired=True)
+
+    def to_json(self, scale: float = 1.0) -> dict:
+        """{name: spread (values times `scale`) + the warm-up values}, plus the protocol."""
+        out = {n: dict(spread([v * scale for v in self.values[n]]), warmup=[v * scale for v in self.warmup[n]])
+               for n in self.names}
+        return {"configs": out, "protocol": protocol(len(self.values[self.names[0]]),
+                                                     len(self.warmup[self.names[0]]))}
+
+
+def protocol(rounds: int, warmup: int) -> dict:
+    return {"rounds": rounds, "warmup_rounds": warmup, "interleaved": True,
+            "meets_protocol": rounds >= MIN_ROUNDS and warmup >= 1,
+            "stat": "median over rounds; range = min-max; ratios = ratio of medians, range " + RANGE_PER_ROUND}
+
+
+def interleaved_rounds(configs: Mapping[str, Callable[[], object]], *, rounds: int = MIN_ROUNDS, warmup: int = 1,
+                       clock: Callable[[], float] = time.perf_counter, self_timed: bool = False,
+                       on_round: Callable[[int, dict], None] | None = None) -> Rounds:
+    """Times every configuration in `warmup` untimed-for-the-stats rounds, then `rounds` interleaved
+    rounds: round r calls configs[A], configs[B], ... in the mapping's order.
+
+    A value is `clock()` after minus before the call, with its output blocked on; with `self_timed`
+    the call returns its own measurement (e.g. ms per decode step from the program's own timer).
+    `on_round(r, {name: value})` is called after each timed round (progress lines)."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds >= 1 and warmup >= 0 are required, got {rounds}, {warmup}")
+    names = list(configs)
+    values: dict[str, list[float]] = {n: [] for n in names}
+    warm: dict[str, list[float]] = {n: [] for n in names}
+    order: list[tuple[int, str]] = []
+    for r in range(-warmup, rounds):
+        for n in names:
+            if self_timed:
+                v = float(configs[n]())
+            else:
+                t0 = clock()
+                jax.block_until_ready(configs[n]())
+                v = clock() - t0
+            order.append((r, n))
+            (warm if r < 0 else values)[n].append(v)
+        if r >= 0 and on_round is not None:
+            on_round(r, {n: values[n][-1] for n in names})
+    return Rounds(names=names, values=values, warmup=warm, order=order)
+
+
+def fmt_spread(s: Mapping, spec: str = ".1f", unit: str = "") -> str:
+    """"37.7 (35.1-40.2) ms" from a spread / ratio_spread dict."""
+    u = f" {unit}" if unit else ""
+    return f"{format(s['median'], spec)} ({format(s['min'], spec)}-{format(s['max'], spec)}){u}"
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -167,11 +167,22 @@ def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _range(lo, hi, spec=".1f", suffix="") -> str:
+    if lo is None or hi is None:
+        return "n/a"
+    return f"{format(lo, spec)}-{format(hi, spec)}{suffix}"
+
+
 def speed_table(rows: Sequence[dict]) -> str:
-    """Decode ms/token per (context, batch, method) with the ratio to the full cache."""
-    return _table(["context", "batch", "method", "decode ms/token", "vs full", "allocated (MiB)"],
+    """Decode ms/token per (context, batch, method): median and min-max over the interleaved rounds,
+    the ratio of medians to the full cache of the same run and the range of the per-round ratios."""
+    return _table(["context", "batch", "method", "decode ms/token (median)", "min-max", "vs full", "vs full range",
+                   "allocated (MiB)"],
                   [[r["context"], r["batch"], r["method"], _fmt(r["decode_ms_per_token"], ".1f"),
-                    _fmt(r.get("ratio_vs_full"), ".2f") + "x", _fmt(r["cache_bytes"] / MiB, ".1f")] for r in rows])
+                    _range(r.get("decode_ms_per_token_min"), r.get("decode_ms_per_token_max")),
+                    _fmt(r.get("ratio_vs_full"), ".2f") + "x",
+                    _range(r.get("ratio_vs_full_min"), r.get("ratio_vs_full_max"), ".2f", "x"),
+                    _fmt(r["cache_bytes"] / MiB, ".1f")] for r in rows])
 
 
 def eviction_table(rows: Sequence[dict]) -> str:

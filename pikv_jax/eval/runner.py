@@ -19,9 +19,10 @@ from typing import Sequence
 from tqdm import tqdm
 
 from pikv_jax.api import PiKVModel
-from pikv_jax.bench import machine_info
+from pikv_jax.bench import goal, machine_info
 from pikv_jax.eval import passkey, perplexity, report
 from pikv_jax.eval.methods import parse_methods
+from pikv_jax.eval.speed import decode_speed
 
 TASKS = ("passkey", "ppl", "fidelity", "speed")
 DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
@@ -58,6 +59,7 @@ class EvalConfig:
     speed_methods: Sequence[str] = ("full", "snapkv@0.25", "h2o@0.25")
     speed_batches: Sequence[int] = (1,)
     speed_new_tokens: int = 32
+    speed_rounds: int = 5  # interleaved timed rounds over the methods, after one warm-up round
     table_speed: bool = False  # also time every method at the table context (batch min(speed_batches))
     # output
     out: str = "eval-out"
@@ -87,6 +89,8 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
         if self.ppl_prefix < 8 or self.ppl_tokens < 2 or self.ppl_windows < 1:
             raise ValueError("ppl_prefix >= 8, ppl_tokens >= 2 and ppl_windows >= 1 are required")
+        if self.speed_rounds < 1 or self.speed_new_tokens < 2:
+            raise ValueError("speed_rounds >= 1 and speed_new_tokens >= 2 are required")
         if self.eviction_cache < 16 or self.eviction_factor < 2:
             raise ValueError("eviction_cache >= 16 and eviction_factor >= 2 are required")
 
@@ -232,15 +236,15 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
         if sp_methods:
             bar.stage("decode speed")
             t0 = time.perf_counter()
+            on_error = ((lambda label, e, **where: errors.append(_error("decode_speed", label, e, **where)))
+                        if cfg.keep_going else None)
+            speed_kw = dict(new_tokens=cfg.speed_new_tokens, rounds=cfg.speed_rounds, codec=codec, progress=bar,
+                            ckpt=ckpt, on_error=on_error)
             payload["decode_speed"] = decode_speed(model, sp_methods, context=cfg.speed_context,
-                                                   batches=cfg.speed_batches, new_tokens=cfg.speed_new_tokens,
-                                                   codec=codec, progress=bar, ckpt=ckpt,
-                                                   errors=errors if cfg.keep_going else None)
+                                                   batches=cfg.speed_batches, **speed_kw)
             if tsp_methods:  # the README table's decode column: every method, side by side, at its context
                 payload["decode_speed"] += decode_speed(model, tsp_methods, context=table_ctx,
-                                                        batches=[min(cfg.speed_batches)],
-                                                        new_tokens=cfg.speed_new_tokens, codec=codec, progress=bar,
-                                                        ckpt=ckpt, errors=errors if cfg.keep_going else None)
+                                                        batches=[min(cfg.speed_batches)], **speed_kw)
             timings["speed_s"] = time.perf_counter() - t0
     finally:
         bar.close()
@@ -253,46 +257,6 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
     if not cfg.keep_partial:
         ckpt.finish()
     return out
-
-
-def decode_speed(model, methods, *, context: int, batches: Sequence[int], new_tokens: int, codec=None,
-                 progress=None, ckpt: "Checkpoint | None" = None, errors: list | None = None) -> list[dict]:
-    """Decode ms/token with a `context`-token prompt of varied text, stop tokens disabled, per
-    method and batch, measured side by side; ratio against the full cache of the same batch.
-    Bytes are per batch (all rows)."""
-    codec = codec or passkey.codec_for(model)
-    ckpt = ckpt or Checkpoint(None)
-    hay = passkey.make_haystack(codec, "varied")
-    prompt = [hay.ids[i % len(hay.ids)] for i in range(context)]
-    rows = []
-    for b in batches:
-        group = []
-        for m in sorted(methods, key=lambda m: not m.is_full):
-            key = ["speed", m.label, context, b, new_tokens]
-            row = ckpt.get(key)
-            if row is None:
-                try:
-                    out = model.generate([prompt] * b, new_tokens, policy=m.policy, stop_ids=())
-                except Exception as e:
-                    if errors is None:
-                        raise
-                    errors.append(_error("decode_speed", m.label, e, batch=b, context=context))
-                    continue
-                st = out.stats
-                row = dict(method=m.label, context=context, batch=b, new_tokens=new_tokens,
-                           decode_ms_per_token=st["decode_ms_per_token"],
-                           prefill_tokens_per_s=st["prefill_tokens_per_s"], cache_bytes=st["cache_bytes"],
-                           full_cache_bytes=st["full_cache_bytes"],
-                           kept_bytes=passkey.kept_bytes_per_row(st, model.config) * b, compile_s=st["compile_s"])
-                ckpt.put(key, row)
-            group.append(row)
-            if progress:
-                progress(f"speed {m.label} b{b}")
-        full_ms = next((r["decode_ms_per_token"] for r in group if r["method"] == "full"), None)
-        for r in group:
-            r["ratio_vs_full"] = r["decode_ms_per_token"] / full_ms if full_ms else None
-        rows += group
-    return rows
 
 
 class Checkpoint:
@@ -363,12 +327,16 @@ def goals(payload: dict, *, table_context: int | None) -> dict:
     longest = max((r["context"] for r in speed), default=None)  # the goal is about the long context
     speed = [r for r in speed if r["context"] == longest]
     q = [r for r in speed if report.split_label(r["method"])[1] in ("0.25", "25%") and r.get("ratio_vs_full")]
-    if q:
-        best = min(q, key=lambda r: r["ratio_vs_full"])
-        out["decode_4k_25pct"] = dict(goal="decode with a 25% budget takes <= 0.6x the full cache's ms/token",
+    if q:  # met only when the whole ratio range of a method is <= 0.6; the best is the lowest upper end
+        checks = [(r, goal(_ratio_range(r), at_most=0.6)) for r in q]
+        best, g = min(checks, key=lambda x: (x[1]["range"][1], x[1]["median"]))
+        out["decode_4k_25pct"] = dict(goal="decode with a 25% budget takes <= 0.6x the full cache's ms/token "
+                                           "(met only when the whole ratio range is <= 0.6)",
                                       context=best["context"], batch=best["batch"], method=best["method"],
-                                      ratio=best["ratio_vs_full"], met=bool(best["ratio_vs_full"] <= 0.6),
-                                      all=[{k: r[k] for k in ("method", "batch", "ratio_vs_full")} for r in q])
+                                      ratio=g["median"], ratio_range=g["range"], range_from=g["range_from"],
+                                      met=g["met"], median_meets=g["median_meets"],
+                                      all=[dict(method=r["method"], batch=r["batch"], ratio_vs_full=c["median"],
+                                                range=c["range"], met=c["met"]) for r, c in checks])
     ev = [r for r in payload.get("eviction_perplexity", []) if r["method"].startswith("streaming_llm")]
     if ev:
         r = ev[0]
@@ -377,6 +345,16 @@ def goals(payload: dict, *, table_context: int | None) -> dict:
                                         ppl=r["ppl"], ppl_full=r["ppl_full"], change=r["ppl_change"],
                                         met=bool(r["ppl_change"] <= 0.10))
     return out
+
+
+def _ratio_range(row: dict) -> dict:
+    """A speed row's ratio to the full cache as {median, min, max, range_from}; a row of an older run
+    without rounds has a single value, so its range is that value."""
+    lo, hi = row.get("ratio_vs_full_min"), row.get("ratio_vs_full_max")
+    if lo is None or hi is None:
+        return dict(median=row["ratio_vs_full"], min=row["ratio_vs_full"], max=row["ratio_vs_full"],
+                    range_from="one measurement (a run without rounds)")
+    return dict(median=row["ratio_vs_full"], min=lo, max=hi, range_from=row.get("ratio_vs_full_range_from", ""))
 
 
 def _meta(cfg: EvalConfig, model, timings: dict) -> dict:
@@ -415,7 +393,8 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
         parts += ["Decode-time eviction (text 4x longer than the cache):", "",
                   report.eviction_table(payload["eviction_perplexity"]), ""]
     if payload.get("decode_speed"):
-        parts += ["Decode speed (measured side by side in one run):", "",
+        parts += ["Decode speed (a warm-up round, then interleaved rounds over the methods of one batch; "
+                  "median and min-max; ratios of medians, ranges from per-round ratios):", "",
                   report.speed_table(payload["decode_speed"]), ""]
     if payload.get("goals"):
         parts += ["Goals:", ""]
@@ -434,6 +413,8 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
 
 
 def _short(x):
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, float) for v in x):
+        return "-".join(f"{v:.3g}" for v in x)
     return f"{x:.3g}" if isinstance(x, float) else x
 
 

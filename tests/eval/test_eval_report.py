@@ -64,8 +64,12 @@ def test_json_is_strict_and_png_written(tmp_path):
 
 def test_other_tables():
     sp = R.speed_table([dict(context=4096, batch=1, method="full", decode_ms_per_token=50.0, ratio_vs_full=1.0,
-                             cache_bytes=R.MiB)])
-    assert "| 4096 | 1 | full | 50.0 | 1.00x | 1.0 |" in sp
+                             cache_bytes=R.MiB),
+                        dict(context=4096, batch=1, method="h2o@0.25", decode_ms_per_token=30.0,
+                             decode_ms_per_token_min=28.0, decode_ms_per_token_max=33.5, ratio_vs_full=0.6,
+                             ratio_vs_full_min=0.55, ratio_vs_full_max=0.65, cache_bytes=R.MiB / 4)])
+    assert "| 4096 | 1 | full | 50.0 | n/a | 1.00x | n/a | 1.0 |" in sp  # a row of an older run: no ranges
+    assert "| 4096 | 1 | h2o@0.25 | 30.0 | 28.0-33.5 | 0.60x | 0.55-0.65x | 0.2 |" in sp
     ev = R.eviction_table([dict(method="streaming_llm@512t", cache_tokens=512, text_tokens=2048, ppl=10.0,
                                 ppl_change=0.05)])
     assert "| streaming_llm@512t | 512 | 2048 | 10.00 | +5.0% |" in ev
@@ -98,12 +102,39 @@ def test_run_eval_on_tiny_model(tmp_path):
     assert set(ev) == {"full", "streaming_llm@32t"} and ev["streaming_llm@32t"]["text_tokens"] == 128
     assert all(math.isfinite(r["ppl"]) for r in ev.values())
     sp = {r["method"]: r for r in data["decode_speed"]}
-    assert sp["full"]["ratio_vs_full"] == 1.0
+    assert sp["full"]["ratio_vs_full"] == 1.0 and sp["full"]["ratio_vs_full_max"] == 1.0
+    for r in sp.values():  # warm-up, then 5 interleaved rounds; median and range recorded (values not asserted)
+        assert len(r["decode_ms_per_token_rounds"]) == 5 and len(r["decode_ms_per_token_warmup"]) == 1
+        assert r["decode_ms_per_token_min"] <= r["decode_ms_per_token"] <= r["decode_ms_per_token_max"]
+        assert r["ratio_vs_full_min"] <= r["ratio_vs_full_max"] and r["protocol"]["meets_protocol"]
+    g = data["goals"]["decode_4k_25pct"]
+    assert g["met"] == (g["ratio_range"][1] <= 0.6)
     assert sp["snapkv(obs_window=8)@0.25"]["cache_bytes"] < sp["full"]["cache_bytes"]
     assert set(data["goals"]) == {"passkey_25pct", "decode_4k_25pct", "streaming_llm_ppl"}
     assert data["goals"]["passkey_25pct"]["best_method"] == "snapkv(obs_window=8)@0.25"
     md = (tmp_path / "tiny.md").read_text()
     assert "| method | budget |" in md and "Decode-time eviction" in md and "Goals:" in md
+
+
+def test_decode_goal_needs_the_whole_ratio_range():
+    from pikv_jax.eval.runner import goals
+
+    def row(method, ratio, lo=None, hi=None):
+        r = dict(method=method, context=4096, batch=1, ratio_vs_full=ratio)
+        if lo is not None:
+            r.update(ratio_vs_full_min=lo, ratio_vs_full_max=hi, ratio_vs_full_range_from="per-round")
+        return r
+
+    base = [row("full", 1.0, 1.0, 1.0)]
+    g = goals({"decode_speed": base + [row("h2o@0.25", 0.55, 0.5, 0.62)]}, table_context=None)["decode_4k_25pct"]
+    assert g["met"] is False and g["median_meets"] is True and g["ratio_range"] == [0.5, 0.62]
+    # the best method is the one with the lowest upper end, and it meets the goal
+    speed = base + [row("h2o@0.25", 0.55, 0.5, 0.62), row("snapkv@0.25", 0.57, 0.55, 0.59)]
+    g = goals({"decode_speed": speed}, table_context=None)["decode_4k_25pct"]
+    assert g["met"] is True and g["method"] == "snapkv@0.25" and [a["met"] for a in g["all"]] == [False, True]
+    # a row of a run without rounds: its single value is its range
+    g = goals({"decode_speed": base + [row("h2o@0.25", 0.59)]}, table_context=None)["decode_4k_25pct"]
+    assert g["met"] is True and g["range_from"].startswith("one measurement")
 
 
 def test_config_validation():
