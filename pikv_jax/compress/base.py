@@ -9,9 +9,12 @@ A compressor has two faces:
 
 Shapes: keys and values are [B, Hkv, S, D] (the cache layout) or, as in the seed, [B, S, hidden]
 (treated as one head of width hidden). `importance` is optional f32[B, S] (or [B, Hkv, S]) token
-importance for methods that select tokens. `get_compression_stats()` reports measured numbers of
-the calls so far: compression_ratio = bytes of an uncompressed bf16 K+V of the same tokens / bytes
-actually stored (codes, scales, metadata, residual), reconstruction errors, per-method usage.
+importance for methods that select tokens. Keyword arguments of a call go to `compress`: `layer=`
+(the layer whose bases or budget apply: SVD, LoRA, pyramid) and `queries=` (the last queries, which
+FastV and ChunkKV score tokens by when no importance is given); a call keeps no state but its stats.
+`get_compression_stats()` reports measured numbers of the calls so far: compression_ratio = bytes of
+an uncompressed bf16 K+V of the same tokens / bytes actually stored (codes, scales, metadata,
+residual), reconstruction errors, per-method usage.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from pikv_jax.cache.state import tree_nbytes
+from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,6 @@ class LayerQKV:
     @property
     def valid(self) -> np.ndarray:
         return self.pos >= 0
-
 
 
 def as_cache_layout(keys, values):
@@ -86,16 +88,19 @@ class CompressionStats:
     max_abs_error: float = 0.0
     usage: dict = dataclasses.field(default_factory=dict)
 
-    def record(self, keys, values, restored_k, restored_v, stored_bytes: int, method: str, tokens: int) -> None:
-        full = (int(np.prod(keys.shape)) + int(np.prod(values.shape))) * 2
-        err_k = jnp.asarray(restored_k, jnp.float32) - jnp.asarray(keys, jnp.float32)
-        err_v = jnp.asarray(restored_v, jnp.float32) - jnp.asarray(values, jnp.float32)
+    def record(self, keys, values, compressed: CompressedKV, method: str) -> None:
+        """keys, values [B, Hkv, S, D] (the call's input) against what `compressed` stores and restores."""
+        b, hk, s, d = keys.shape
+        restored_k, restored_v = compressed.decompress()
+        keys, values = jnp.asarray(keys, jnp.float32), jnp.asarray(values, jnp.float32)
+        err_k = jnp.asarray(restored_k, jnp.float32) - keys
+        err_v = jnp.asarray(restored_v, jnp.float32) - values
         self.calls += 1
-        self.tokens += tokens
-        self.stored_bytes += stored_bytes
-        self.full_bf16_bytes += full
+        self.tokens += b * s
+        self.stored_bytes += compressed.nbytes()
+        self.full_bf16_bytes += full_bf16_bytes(b * s, num_layers=1, num_kv_heads=hk, head_dim=d)
         self.sq_error += float(jnp.sum(err_k ** 2) + jnp.sum(err_v ** 2))
-        self.sq_norm += float(jnp.sum(jnp.asarray(keys, jnp.float32) ** 2) + jnp.sum(jnp.asarray(values, jnp.float32) ** 2))
+        self.sq_norm += float(jnp.sum(keys ** 2) + jnp.sum(values ** 2))
         self.max_abs_error = max(self.max_abs_error, float(jnp.max(jnp.abs(err_k))), float(jnp.max(jnp.abs(err_v))))
         self.usage[method] = self.usage.get(method, 0) + 1
 
@@ -120,18 +125,25 @@ class KVCompressor(abc.ABC):
     def __init__(self):
         self._stats = CompressionStats()
 
-    def __call__(self, keys, values, importance=None) -> CompressedKV:
+    def __call__(self, keys, values, importance=None, **kwargs) -> CompressedKV:
+        """The seed's standalone call: validates keys/values (either layout), compresses them with
+        `compress(keys, values, importance, **kwargs)` and records the measured stats."""
         k, v, _ = as_cache_layout(keys, values)
         check_finite("keys", k)
         check_finite("values", v)
-        compressed = self.compress(k, v, importance)
-        rk, rv = compressed.decompress()
-        self._stats.record(k, v, rk, rv, compressed.nbytes(), self.name, tokens=k.shape[0] * k.shape[2])
+        compressed = self.compress(k, v, importance, **kwargs)
+        self._stats.record(k, v, compressed, self.usage_name(importance))
         return compressed
 
     @abc.abstractmethod
     def compress(self, keys, values, importance=None) -> CompressedKV:
-        """keys, values: [B, Hkv, S, D] (validated) -> CompressedKV."""
+        """keys, values: [B, Hkv, S, D] (validated) -> CompressedKV. Subclasses may take keyword
+        arguments (`layer=`, `queries=`), which a call passes through."""
+
+    def usage_name(self, importance=None) -> str:
+        """The method a call with this importance counts in `method_usage` (PiKVCompressor: the
+        sub-method it chooses)."""
+        return self.name
 
     def decompress(self, compressed: CompressedKV):
         return compressed.decompress()

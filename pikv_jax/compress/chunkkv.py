@@ -16,7 +16,6 @@ row's last tokens is partial and costs only its real tokens; budgets are per row
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -24,7 +23,15 @@ import jax.numpy as jnp
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.policies.scoring import window_probs
 from pikv_jax.compress.base import KVCompressor
-from pikv_jax.compress.selection import SelectedKV, SelectorPolicy, mask_to_indices, proxy_importance, select_standalone
+from pikv_jax.compress.selection import (
+    SelectedKV,
+    SelectorPolicy,
+    kept_budget,
+    mask_to_indices,
+    select_standalone,
+    standalone_importance,
+)
+from pikv_jax.intmath import cdiv
 
 
 def check_chunkkv(chunk_size: int, obs_window: int) -> None:
@@ -41,7 +48,7 @@ def chunk_keep_mask(scores, valid, protect, row_budget, chunk_size: int):
     row_budget: i32[B] tokens a row may keep. Returns keep bool[B, H, S].
     """
     b, h, s = scores.shape
-    n_chunks = -(-s // chunk_size)
+    n_chunks = cdiv(s, chunk_size)
     pad = n_chunks * chunk_size - s
     grp = lambda x, fill: jnp.pad(x, ((0, 0), (0, 0), (0, pad)), constant_values=fill).reshape(b, h, n_chunks,
                                                                                                chunk_size)
@@ -84,11 +91,10 @@ class ChunkKVPolicy(SelectorPolicy):
 
     def layer_budget(self, layer, prompt_len):
         """Static slots: the budget, but never fewer than the protected sinks + observation window."""
-        k = self.budget_tokens if self.budget_tokens is not None else math.ceil(self.budget_ratio * prompt_len - 1e-6)
-        return min(prompt_len, max(k, self.n_sink + self.window))
+        return kept_budget(prompt_len, self.protected_count, ratio=self.budget_ratio, tokens=self.budget_tokens)
 
     def row_budget(self, layer, lengths, prompt_len):
-        base = jnp.maximum(self.base_row_budget(lengths), jnp.minimum(lengths, self.n_sink + self.window))
+        base = jnp.maximum(self.base_row_budget(lengths), jnp.minimum(lengths, self.protected_count))
         return jnp.minimum(jnp.minimum(base, lengths), self.layer_budget(layer, prompt_len))
 
     def token_scores(self, ctx: PrefillContext):
@@ -115,14 +121,16 @@ class ChunkKVCompressor(KVCompressor):
     chunk_size: tokens per chunk (default 20). compression_ratio: kept share of each row's prompt,
     or budget_tokens; when neither is given `as_policy(inner)` uses the inner policy's budget, and
     0.5 if it has none. obs_window, n_sink, per_head: as in ChunkKVPolicy. Standalone: importance
-    f32[B, S] or [B, Hkv, S] per token (default: observation-window attention with the last keys
-    standing in for the queries, or `queries` [B, H, w, D] when given).
+    f32[B, S] or [B, Hkv, S] per token (default: observation-window attention of the keyword
+    `queries` [B, H, w, D] when given, `compressor(keys, values, queries=q)`, else with the last
+    keys standing in for the queries).
     """
 
     name = "chunkkv"
 
-    def __init__(self, chunk_size: int = 20, compression_ratio: float | None = None, *, budget_tokens: int | None = None,
-                 obs_window: int = 64, n_sink: int = 4, per_head: bool = False, hidden_size: int | None = None):
+    def __init__(self, chunk_size: int = 20, compression_ratio: float | None = None, *,
+                 budget_tokens: int | None = None, obs_window: int = 64, n_sink: int = 4, per_head: bool = False,
+                 hidden_size: int | None = None):
         super().__init__()
         check_chunkkv(chunk_size, obs_window)
         if compression_ratio is not None and budget_tokens is not None:
@@ -134,31 +142,19 @@ class ChunkKVCompressor(KVCompressor):
         self.chunk_size, self.compression_ratio, self.budget_tokens = chunk_size, compression_ratio, budget_tokens
         self.obs_window, self.n_sink, self.per_head = obs_window, n_sink, per_head
 
-    def __call__(self, keys, values, importance=None, *, queries=None):
-        self._queries = queries
-        try:
-            return super().__call__(keys, values, importance)
-        finally:
-            self._queries = None
-
-    def compress(self, keys, values, importance=None) -> SelectedKV:
+    def compress(self, keys, values, importance=None, *, queries=None) -> SelectedKV:
+        """Whole chunks of keys/values [B, Hkv, S, D]; `queries` [B, H, w, D] (the last w) score the
+        tokens when no importance is given."""
         b, hk, s, _ = keys.shape
-        if importance is None:
-            imp = proxy_importance(keys, getattr(self, "_queries", None), self.obs_window)
-        else:
-            imp = jnp.asarray(importance, jnp.float32)
-            imp = jnp.broadcast_to(imp[:, None], (b, hk, s)) if imp.ndim == 2 else imp
-        if imp.shape != (b, hk, s):
-            raise ValueError(f"importance must be [B, S] or [B, Hkv, S] = {(b, hk, s)}, got {imp.shape}")
+        imp = standalone_importance(keys, importance, queries, self.obs_window)  # [B, Hkv, S]
         ratio = self.compression_ratio if self.compression_ratio is not None else 0.5
-        budget = self.budget_tokens if self.budget_tokens is not None else math.ceil(ratio * s - 1e-6)
-        budget = min(s, max(budget, min(s, self.n_sink + self.obs_window)))
+        budget = kept_budget(s, self.n_sink + self.obs_window, ratio=ratio, tokens=self.budget_tokens)
         pos = jnp.broadcast_to(jnp.arange(s), (b, hk, s))
         protect = protected_mask(pos, jnp.full((b,), s - 1), self.n_sink, self.obs_window)
         if not self.per_head:
             imp, pos, protect = jnp.sum(imp, axis=1, keepdims=True), pos[:, :1], protect[:, :1]
         keep = chunk_keep_mask(imp, pos >= 0, protect, jnp.full((b,), budget, jnp.int32), self.chunk_size)
-        return select_standalone(keys, values, jnp.broadcast_to(keep, (b, hk, s)), budget)
+        return select_standalone(keys, values, keep, budget)
 
     def as_policy(self, inner=None) -> ChunkKVPolicy:
         inner = inner if inner is not None else CachePolicy()

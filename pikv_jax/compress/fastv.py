@@ -28,7 +28,13 @@ import jax.numpy as jnp
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache.policies.scoring import window_probs
 from pikv_jax.compress.base import KVCompressor
-from pikv_jax.compress.selection import SelectedKV, SelectorPolicy, protected, proxy_importance, select_standalone
+from pikv_jax.compress.selection import (
+    SelectedKV,
+    SelectorPolicy,
+    select_standalone,
+    standalone_importance,
+    top_keep_mask,
+)
 
 SHARED_KEY = "fastv_scores"
 
@@ -68,19 +74,16 @@ class FastVPolicy(SelectorPolicy):
     def method_label(self) -> str:
         return f"fastv:{self.layer}:{self.drop_ratio:g}"
 
-    def _protected(self) -> int:
-        return self.n_sink + self.window
-
     def layer_budget(self, layer, prompt_len):
         if layer <= self.layer:
             return self.inner.layer_budget(layer, prompt_len)
-        kept = kept_tokens(prompt_len, self.drop_ratio, self._protected())
+        kept = kept_tokens(prompt_len, self.drop_ratio, self.protected_count)
         return min(kept, self.inner.layer_budget(layer, prompt_len)) if self.inner.has_budget else kept
 
     def row_budget(self, layer, lengths, prompt_len):
         if layer <= self.layer:
             return self.inner.row_budget(layer, lengths, prompt_len)
-        rows = kept_tokens(lengths, self.drop_ratio, self._protected())
+        rows = kept_tokens(lengths, self.drop_ratio, self.protected_count)
         if self.inner.has_budget:
             rows = jnp.minimum(rows, self.inner.row_budget(layer, lengths, prompt_len))
         return jnp.minimum(rows, self.layer_budget(layer, prompt_len))
@@ -115,8 +118,8 @@ class FastVPolicy(SelectorPolicy):
 class FastVCompressor(KVCompressor):
     """FastV token dropping (see the module docstring). Standalone: keys/values [B, Hkv, S, D] (or
     [B, S, hidden]) and importance f32[B, S] (the last token's head-averaged attention at layer K)
-    or f32[B, Hkv, S]; without importance, `queries` [B, H, D] (the last query) give it, else the
-    last key stands in for the last query."""
+    or f32[B, Hkv, S]; without importance, the keyword `queries` [B, H, D] (the last query) gives
+    it, `compressor(keys, values, queries=q)`, else the last key stands in for the last query."""
 
     name = "fastv"
 
@@ -128,27 +131,13 @@ class FastVCompressor(KVCompressor):
             raise ValueError(f"n_sink and window must be >= 0, got {n_sink}, {window}")
         self.layer, self.drop_ratio, self.n_sink, self.window = layer, float(drop_ratio), n_sink, window
 
-    def __call__(self, keys, values, importance=None, *, queries=None):
-        self._queries = queries
-        try:
-            return super().__call__(keys, values, importance)
-        finally:
-            self._queries = None
-
-    def compress(self, keys, values, importance=None) -> SelectedKV:
-        b, hk, s, _ = keys.shape
-        if importance is None:
-            imp = jnp.mean(proxy_importance(keys, getattr(self, "_queries", None), 1), axis=1)  # [B, S]
-        else:
-            imp = jnp.asarray(importance, jnp.float32)
-            imp = jnp.mean(imp, axis=1) if imp.ndim == 3 else imp
-        if imp.shape != (b, s):
-            raise ValueError(f"importance must be [B, S] = {(b, s)} or [B, Hkv, S], got {tuple(jnp.shape(importance))}")
+    def compress(self, keys, values, importance=None, *, queries=None) -> SelectedKV:
+        """One row-wide ranking [B, S] (the same tokens kept in every KV head); `queries` [B, H, D]
+        or [B, H, S, D] score the tokens when no importance is given."""
+        s = keys.shape[2]
+        imp = standalone_importance(keys, importance, queries, 1, per_head=False)  # [B, S]
         kept = kept_tokens(s, self.drop_ratio, self.n_sink + self.window)
-        ranked = jnp.where(protected(s, self.n_sink, self.window)[None], jnp.inf, imp)
-        order = jnp.argsort(-ranked, axis=-1, stable=True)[:, :kept]
-        keep = jnp.zeros((b, s), bool).at[jnp.arange(b)[:, None], order].set(True)
-        return select_standalone(keys, values, jnp.broadcast_to(keep[:, None], (b, hk, s)), kept)
+        return select_standalone(keys, values, top_keep_mask(imp, kept, self.n_sink, self.window), kept)
 
     def as_policy(self, inner=None) -> FastVPolicy:
         return FastVPolicy(inner=inner if inner is not None else CachePolicy(), layer=self.layer,

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 
 from pikv_jax.attention import dispatch
-from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
+from pikv_jax.cache.policies.base import PrefillContext, protected_mask
 from pikv_jax.cache.quantized import QuantizedLayerCache, init_quantized_layer
-from pikv_jax.cache.state import EMPTY, LayerCache, init_layer_cache
+from pikv_jax.cache.state import EMPTY, LayerCache
+from pikv_jax.compress.wrapper import WrapperPolicy
+from pikv_jax.intmath import round_up
 from pikv_jax.kernels import quant
 
 
@@ -47,8 +49,8 @@ def _put(x, idx, values, where):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantizedPolicy(CachePolicy):
-    """KIVI quantization around an eviction policy (`inner`, default Full).
+class QuantizedPolicy(WrapperPolicy):
+    """KIVI quantization around an eviction policy (`inner`, default Full; it keeps budgets).
 
     bits: 2, 4 or 8. group_size G (default 32): tokens per key group and channels per value group;
     must divide the head dimension and residual_length. residual_length R (default 128, a multiple
@@ -58,7 +60,6 @@ class QuantizedPolicy(CachePolicy):
 
     name: ClassVar[str] = "kivi"
     layout: ClassVar[str] = "kivi"
-    inner: CachePolicy = dataclasses.field(default_factory=CachePolicy)
     bits: int = 4
     group_size: int = 32
     residual_length: int = 128
@@ -80,14 +81,6 @@ class QuantizedPolicy(CachePolicy):
         base = "" if self.inner.name == "full" else self.inner.label + "+"
         return f"{base}int{self.bits}"
 
-    @property
-    def has_budget(self) -> bool:
-        return self.inner.has_budget
-
-    @property
-    def evicts(self) -> bool:
-        return self.inner.evicts
-
     def check_head_dim(self, head_dim: int):
         if head_dim % self.group_size:
             raise ValueError(f"group_size={self.group_size} must divide the head dimension {head_dim}")
@@ -95,15 +88,6 @@ class QuantizedPolicy(CachePolicy):
             raise ValueError(f"head dimension {head_dim} cannot be packed at {self.bits} bits")
 
     # ------------------------------------------------------------------ sizes
-
-    def layer_budget(self, layer, prompt_len):
-        return self.inner.layer_budget(layer, prompt_len)
-
-    def row_budget(self, layer, lengths, prompt_len):
-        return self.inner.row_budget(layer, lengths, prompt_len)
-
-    def capacity_for(self, layer, prompt_len, max_new_tokens):
-        return self.inner.capacity_for(layer, prompt_len, max_new_tokens)
 
     def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
         self.check_head_dim(head_dim)
@@ -114,31 +98,22 @@ class QuantizedPolicy(CachePolicy):
                                     group_size=self.group_size, residual_length=self.residual_length,
                                     scale_dtype=self.scale_dtype)
 
-    def prefill_mass_from(self, lengths):
-        return self.inner.prefill_mass_from(lengths)
-
     # ------------------------------------------------------------------ prefill
 
     def prefill(self, layer: int, cache: QuantizedLayerCache, ctx: PrefillContext, *, scores=None):
         """The inner policy selects (into a temporary full-precision cache, chronological), then the
         oldest ceil(max(n - R, 0) / G) * G kept tokens are quantized and the rest go to the ring."""
-        s = ctx.prompt_len
-        kept = s if self.inner.keeps_whole_prompt(s) else self.inner.layer_budget(layer, s)
-        tmp = init_layer_cache(cache.batch, cache.num_kv_heads, kept, cache.head_dim, ctx.k.dtype)
-        tmp = self.inner.prefill(layer, tmp, ctx, scores=scores)
-        if not isinstance(tmp, LayerCache):
-            raise ValueError(f"int{self.bits} quantization needs a uniform cache layout; "
-                             f"{self.inner.label} uses {type(tmp).__name__}")
+        tmp = self.prefill_uniform(layer, cache, ctx, scores, f"int{self.bits} quantization")
         return self.from_uniform(cache, tmp)
 
     def from_uniform(self, cache: QuantizedLayerCache, tmp: LayerCache) -> QuantizedLayerCache:
         """Moves a chronological full-precision cache (empties last) into the quantized layout."""
         g, r, cq = self.group_size, cache.residual_slots, cache.quantized_slots
         n = jnp.sum(tmp.pos >= 0, axis=-1)  # [B, Hkv]
-        nq = jnp.minimum(((jnp.maximum(n - r, 0) + g - 1) // g) * g, cq)
+        nq = jnp.minimum(round_up(jnp.maximum(n - r, 0), g), cq)
         kept = tmp.capacity
         # quantized region: kept tokens [0, nq) in place (slot i = kept index i)
-        width = min(cq, -(-kept // g) * g)
+        width = min(cq, round_up(kept, g))
         if width > 0:
             pad = width - min(kept, width)
             kx = jnp.pad(tmp.k[:, :, :width], ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -257,8 +232,3 @@ class QuantizedPolicy(CachePolicy):
     def attend(self, layer, cache: QuantizedLayerCache, q, q_pos, *, sliding_window=None, inv_freq=None):
         return dispatch.quantized_decode_attention(q, cache, q_pos, sliding_window=sliding_window,
                                                    group_reduce=self.group_reduce)
-
-    def observe(self, layer, cache, mass, q_pos, active):
-        return self.inner.observe(layer, cache, mass, q_pos, active)
-
-

@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.compress.base import KVCompressor, as_cache_layout, check_finite
+from pikv_jax.compress.base import KVCompressor
 from pikv_jax.compress.lowrank import LowRankBases, LowRankKV, LowRankPolicy, check_rank
-from pikv_jax.compress.svd import SVDCompressor, calibration_layers, fit_bases
+from pikv_jax.compress.svd import SVDCompressor
 
 
 class LoRACompressor(nnx.Module, KVCompressor):
@@ -73,7 +73,8 @@ class LoRACompressor(nnx.Module, KVCompressor):
         b = svd.bases
         if b is None:
             raise ValueError("init_from_svd needs a calibrated SVDCompressor")
-        if b.num_layers not in (1, self.num_layers) or b.num_kv_heads != self.num_kv_heads or b.head_dim != self.head_dim:
+        if (b.num_layers not in (1, self.num_layers) or b.num_kv_heads != self.num_kv_heads
+                or b.head_dim != self.head_dim):
             raise ValueError(f"SVD bases {b} do not match LoRA layers={self.num_layers}, Hkv={self.num_kv_heads}, "
                              f"D={self.head_dim}")
         layers = [b.layer(l) for l in range(self.num_layers)]
@@ -87,12 +88,10 @@ class LoRACompressor(nnx.Module, KVCompressor):
 
     def calibrate(self, source, values=None, *, prompts=None, max_tokens: int = 512) -> "LoRACompressor":
         """SVD-calibrates (on a PiKVModel or given keys/values) and initialises from that basis."""
-        layers = calibration_layers(source, values, prompts=prompts, max_tokens=max_tokens)
-        if len(layers) != self.num_layers:
-            raise ValueError(f"calibration data has {len(layers)} layers; this LoRACompressor has num_layers="
-                             f"{self.num_layers}")
-        svd = SVDCompressor(rank=self.rank)
-        svd.bases, svd.head_ranks = fit_bases(layers, rank=self.rank)
+        svd = SVDCompressor(rank=self.rank).calibrate(source, values, prompts=prompts, max_tokens=max_tokens)
+        if svd.bases.num_layers != self.num_layers:
+            raise ValueError(f"calibration data has {svd.bases.num_layers} layers; this LoRACompressor has "
+                             f"num_layers={self.num_layers}")
         return self.init_from_svd(svd)
 
     @classmethod
@@ -125,16 +124,8 @@ class LoRACompressor(nnx.Module, KVCompressor):
 
     # ------------------------------------------------------------------ compressor interface
 
-    def __call__(self, keys, values, importance=None, *, layer: int = 0) -> LowRankKV:
-        k, v, _ = as_cache_layout(keys, values)
-        check_finite("keys", k)
-        check_finite("values", v)
-        compressed = self.compress(k, v, importance, layer=layer)
-        rk, rv = compressed.decompress()
-        self._stats.record(k, v, rk, rv, compressed.nbytes(), self.name, tokens=k.shape[0] * k.shape[2])
-        return compressed
-
     def compress(self, keys, values, importance=None, *, layer: int = 0) -> LowRankKV:
+        """Codes of keys/values [B, Hkv, S, D] under `layer`'s projections (`compressor(k, v, layer=l)`)."""
         ck, cv = self.encode(keys, values, layer)
         dtype = self.code_dtype if self.code_dtype is not None else keys.dtype
         return LowRankKV(ck=ck.astype(dtype), cv=cv.astype(dtype), dec_k=self.scaling * self.k_up.value[layer],

@@ -32,26 +32,10 @@ import numpy as np
 from flax import struct
 
 from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
-from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
-from pikv_jax.cache.state import EMPTY, LayerCache, PerHeadSlotCache, init_layer_cache, tree_nbytes
+from pikv_jax.cache.policies.base import PrefillContext
+from pikv_jax.cache.state import EMPTY, PerHeadSlotCache, tree_nbytes
 from pikv_jax.compress.base import CompressedKV
-
-# inner policies whose decode hooks need full-precision keys or another layout
-UNSUPPORTED_INNER = ("quest", "adakv", "duo_attention", "kivi", "lowrank", "per_layer")
-
-
-def check_inner(inner: CachePolicy, what: str) -> None:
-    if inner.stores_raw_keys:
-        raise ValueError(f"{what} stores keys after RoPE; it cannot wrap a policy that re-indexes positions")
-    if inner.name in UNSUPPORTED_INNER:
-        raise ValueError(f"{what} cannot wrap the {inner.name!r} policy (it needs its own cache layout); "
-                         f"use an eviction policy such as h2o, snapkv, streaming_llm or tova")
-
-
-def decode_owner(policy: CachePolicy) -> CachePolicy:
-    """The policy whose decode-time hooks (new_token_score) apply: a Composite's decode policy."""
-    return getattr(policy, "decode_policy", policy)
-
+from pikv_jax.compress.wrapper import DecodeByInner, check_inner
 
 # ---------------------------------------------------------------------------------------------- bases
 
@@ -236,7 +220,7 @@ def _put(x, slot, values, active):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LowRankPolicy(CachePolicy):
+class LowRankPolicy(DecodeByInner):
     """Low-rank codes around an eviction policy (`inner`, default Full).
 
     bases: a LowRankBases (per-layer encoders/decoders). code_dtype: storage of the codes (None =
@@ -246,7 +230,6 @@ class LowRankPolicy(CachePolicy):
     """
 
     name: ClassVar[str] = "lowrank"
-    inner: CachePolicy = dataclasses.field(default_factory=CachePolicy)
     bases: LowRankBases
     code_dtype: Any = None
     method: str = "svd"
@@ -264,34 +247,8 @@ class LowRankPolicy(CachePolicy):
         base = "" if self.inner.name == "full" else self.inner.label + "+"
         return f"{base}{self.method}:{rank}"
 
-    @property
-    def has_budget(self) -> bool:
-        return self.inner.has_budget
-
-    @property
-    def evicts(self) -> bool:
-        return self.inner.evicts
-
-    def layer_budget(self, layer, prompt_len):
-        return self.inner.layer_budget(layer, prompt_len)
-
-    def row_budget(self, layer, lengths, prompt_len):
-        return self.inner.row_budget(layer, lengths, prompt_len)
-
     def keeps_whole_prompt(self, prompt_len):
         return self.inner.keeps_whole_prompt(prompt_len)
-
-    def capacity_for(self, layer, prompt_len, max_new_tokens):
-        return self.inner.capacity_for(layer, prompt_len, max_new_tokens)
-
-    def recent_window(self, budget):
-        return self.inner.recent_window(budget)
-
-    def eviction_scores(self, layer, cache, q_pos):
-        return self.inner.eviction_scores(layer, cache, q_pos)
-
-    def prefill_mass_from(self, lengths):
-        return self.inner.prefill_mass_from(lengths)
 
     def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
         if self.bases.head_dim != head_dim or self.bases.num_kv_heads != num_kv_heads:
@@ -300,22 +257,13 @@ class LowRankPolicy(CachePolicy):
         return init_lowrank_layer(batch, num_kv_heads, capacity, self.bases.layer(layer),
                                   self.code_dtype if self.code_dtype is not None else dtype)
 
-    def has_room(self, layer, cache):
-        return self.inner.has_room(layer, cache)
-
     # ------------------------------------------------------------------ prefill
 
     def prefill(self, layer: int, cache: LowRankLayerCache, ctx: PrefillContext, *, scores=None):
         """The inner policy selects into a temporary full-precision cache; its tokens are projected."""
-        s = ctx.prompt_len
-        kept = s if self.inner.keeps_whole_prompt(s) else self.inner.layer_budget(layer, s)
-        tmp = init_layer_cache(cache.batch, cache.num_kv_heads, kept, cache.head_dim, ctx.k.dtype)
-        tmp = self.inner.prefill(layer, tmp, ctx, scores=scores)
-        if not isinstance(tmp, LayerCache):
-            raise ValueError(f"low-rank compression needs a uniform cache layout; {self.inner.label} uses "
-                             f"{type(tmp).__name__}")
-        if kept > cache.capacity:
-            raise ValueError(f"keeping {kept} tokens does not fit a cache of capacity {cache.capacity}")
+        tmp = self.prefill_uniform(layer, cache, ctx, scores, "low-rank compression")
+        if tmp.capacity > cache.capacity:
+            raise ValueError(f"keeping {tmp.capacity} tokens does not fit a cache of capacity {cache.capacity}")
         ck = encode(tmp.k, cache.enc_k).astype(cache.ck.dtype)
         cv = encode(tmp.v, cache.enc_v).astype(cache.cv.dtype)
         upd = jax.lax.dynamic_update_slice
@@ -323,12 +271,6 @@ class LowRankPolicy(CachePolicy):
                              pos=upd(cache.pos, tmp.pos, (0, 0, 0)), score=upd(cache.score, tmp.score, (0, 0, 0)))
 
     # ------------------------------------------------------------------ decode
-
-    def decode_slot(self, layer, cache, q_pos):
-        return self.inner.decode_slot(layer, cache, q_pos)
-
-    def new_token_score(self, layer, k, q_pos):
-        return decode_owner(self.inner).new_token_score(layer, k, q_pos)
 
     def write(self, layer, cache: LowRankLayerCache, k, v, q_pos, slot, active):
         """k, v: [B, Hkv, D] -> codes written into slot[b, h]."""
@@ -342,7 +284,3 @@ class LowRankPolicy(CachePolicy):
     def attend(self, layer, cache: LowRankLayerCache, q, q_pos, *, sliding_window=None, inv_freq=None):
         return lowrank_attention(q, cache.ck, cache.cv, cache.pos, q_pos, cache.dec_k, cache.dec_v,
                                  sliding_window=sliding_window, group_reduce=self.group_reduce)
-
-    def observe(self, layer, cache, mass, q_pos, active):
-        return self.inner.observe(layer, cache, mass, q_pos, active)
-

@@ -31,12 +31,12 @@ import numpy as np
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
-from pikv_jax.compress.base import KVCompressor, as_cache_layout, check_finite
+from pikv_jax.compress.base import KVCompressor
 from pikv_jax.compress.lora import LoRACompressor
 from pikv_jax.compress.pyramid import PyramidCompressor
+from pikv_jax.compress.selection import proxy_importance, share_all
 from pikv_jax.compress.spec import compressor_from_spec
 from pikv_jax.compress.svd import SVDCompressor
-from pikv_jax.compress.selection import proxy_importance, share_all
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -245,7 +245,8 @@ class PiKVCompressor(KVCompressor):
         names = self.assignment(num_layers)
         built = {}
         if any(c is None for c in self.compressors):
-            raise ValueError("PiKVCompressor: a LoRA method without hidden_size is shaped by calibrate(model); call it first")
+            raise ValueError("PiKVCompressor: a LoRA method without hidden_size is shaped by calibrate(model); "
+                             "call it first")
         for name, c in zip(self.method_names, self.compressors):
             if name in names:
                 built[name] = c.as_policy(inner, num_layers=len(names)) if isinstance(c, PyramidCompressor) \
@@ -262,18 +263,11 @@ class PiKVCompressor(KVCompressor):
         return 0 if float(jnp.mean(jnp.asarray(importance, jnp.float32))) > self.importance_threshold \
             else len(self.compressors) - 1
 
-    def __call__(self, keys, values, importance=None):
-        k, v, _ = as_cache_layout(keys, values)
-        check_finite("keys", k)
-        check_finite("values", v)
-        i = self._choose(importance)
-        compressed = self.compressors[i].compress(k, v, importance)
-        rk, rv = compressed.decompress()
-        self._stats.record(k, v, rk, rv, compressed.nbytes(), self.method_names[i], tokens=k.shape[0] * k.shape[2])
-        return compressed
-
     def compress(self, keys, values, importance=None):
         return self.compressors[self._choose(importance)].compress(keys, values, importance)
+
+    def usage_name(self, importance=None) -> str:
+        return self.method_names[self._choose(importance)]
 
     def get_compression_stats(self) -> dict:
         stats = super().get_compression_stats()

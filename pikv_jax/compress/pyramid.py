@@ -15,7 +15,6 @@ Each layer's cache is allocated at its own budget (+ new tokens), so memory real
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -24,7 +23,14 @@ from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache.policies.scoring import avg_pool
 from pikv_jax.cache.policies.snapkv import SnapKV
 from pikv_jax.compress.base import KVCompressor
-from pikv_jax.compress.selection import SelectedKV, SelectorPolicy, protected, proxy_importance, select_standalone
+from pikv_jax.compress.selection import (
+    SelectedKV,
+    SelectorPolicy,
+    kept_budget,
+    select_standalone,
+    standalone_importance,
+    top_keep_mask,
+)
 
 
 def check_pyramid(compression_ratio: float, num_levels: int, decay_factor: float, min_ratio: float) -> None:
@@ -73,15 +79,12 @@ class PyramidPolicy(SelectorPolicy):
             raise ValueError(f"pyramid budgets cover {len(self.ratios)} layers; layer {layer} is out of range")
         return self.ratios[layer]
 
-    def _protected(self) -> int:
-        return self.n_sink + self.window
-
     def layer_budget(self, layer, prompt_len):
-        return min(prompt_len, max(math.ceil(self.ratio(layer) * prompt_len - 1e-6), self._protected()))
+        return kept_budget(prompt_len, self.protected_count, ratio=self.ratio(layer))
 
     def row_budget(self, layer, lengths, prompt_len):
         rows = jnp.ceil(lengths.astype(jnp.float32) * self.ratio(layer) - 1e-6).astype(jnp.int32)
-        rows = jnp.maximum(rows, self._protected())
+        rows = jnp.maximum(rows, self.protected_count)
         return jnp.minimum(jnp.minimum(rows, lengths), self.layer_budget(layer, prompt_len))
 
     def select(self, layer: int, ctx: PrefillContext):
@@ -117,7 +120,8 @@ class PyramidCompressor(KVCompressor):
         self.obs_window, self.kernel, self.n_sink = obs_window, kernel, n_sink
 
     def level_ratios(self) -> list[float]:
-        return [level_ratio(i, self.compression_ratio, self.decay_factor, self.min_ratio) for i in range(self.num_levels)]
+        return [level_ratio(i, self.compression_ratio, self.decay_factor, self.min_ratio)
+                for i in range(self.num_levels)]
 
     def layer_ratios(self, num_layers: int | None = None) -> tuple[float, ...]:
         n = num_layers or self.num_layers
@@ -125,30 +129,18 @@ class PyramidCompressor(KVCompressor):
             raise ValueError("PyramidCompressor needs num_layers (pass num_layers= or build it from a model)")
         return tuple(self.level_ratios()[level_of(l, n, self.num_levels)] for l in range(n))
 
-    def __call__(self, keys, values, importance=None, *, layer: int = 0):
-        self._layer = layer
-        try:
-            return super().__call__(keys, values, importance)
-        finally:
-            self._layer = 0
-
     def compress(self, keys, values, importance=None, *, layer: int | None = None) -> SelectedKV:
-        b, hk, s, _ = keys.shape
-        layer = getattr(self, "_layer", 0) if layer is None else layer
+        """The tokens `layer` (default 0; `compressor(keys, values, layer=l)`) keeps of keys/values
+        [B, Hkv, S, D], per KV head."""
+        layer = 0 if layer is None else layer
         ratios = self.layer_ratios(self.num_layers or self.num_levels)
         if not 0 <= layer < len(ratios):
             raise ValueError(f"layer {layer} is out of range for {len(ratios)} layers")
-        if importance is None:
-            imp = avg_pool(proxy_importance(keys, None, self.obs_window), self.kernel)
-        else:
-            imp = jnp.asarray(importance, jnp.float32)
-            imp = jnp.broadcast_to(imp[:, None], (b, hk, s)) if imp.ndim == 2 else imp
-        kept = min(s, max(math.ceil(ratios[layer] * s - 1e-6), self.n_sink + self.obs_window))
-        ranked = jnp.where(protected(s, self.n_sink, self.obs_window)[None, None], jnp.inf, imp)
-        order = jnp.argsort(-ranked, axis=-1, stable=True)[..., :kept]
-        keep = jnp.zeros((b, hk, s), bool).at[jnp.arange(b)[:, None, None], jnp.arange(hk)[None, :, None],
-                                              order].set(True)
-        return select_standalone(keys, values, keep, kept)
+        imp = standalone_importance(keys, importance, window=self.obs_window)  # [B, Hkv, S]
+        if importance is None:  # SnapKV pooling of the proxy attention
+            imp = avg_pool(imp, self.kernel)
+        kept = kept_budget(keys.shape[2], self.n_sink + self.obs_window, ratio=ratios[layer])
+        return select_standalone(keys, values, top_keep_mask(imp, kept, self.n_sink, self.obs_window), kept)
 
     def as_policy(self, inner=None, *, num_layers: int | None = None) -> PyramidPolicy:
         return PyramidPolicy(inner=inner if inner is not None else CachePolicy(), ratios=self.layer_ratios(num_layers),

@@ -11,9 +11,10 @@ from flax import struct
 
 from pikv_jax.attention import reference
 from pikv_jax.cache.state import static_field
-from pikv_jax.kernels import quant
 from pikv_jax.compress.base import CompressedKV, KVCompressor
 from pikv_jax.compress.kivi import QuantizedPolicy
+from pikv_jax.intmath import round_up
+from pikv_jax.kernels import quant
 
 
 @struct.dataclass
@@ -60,14 +61,15 @@ class QuantizedCompressor(KVCompressor):
         # QuantizedPolicy validates bits, group_size and residual_length with clear messages
         self._policy = QuantizedPolicy(bits=bits, group_size=group_size, residual_length=residual_length,
                                        scale_dtype=scale_dtype)
-        self.bits, self.group_size, self.residual_length, self.scale_dtype = bits, group_size, residual_length, scale_dtype
+        self.bits, self.group_size = bits, group_size
+        self.residual_length, self.scale_dtype = residual_length, scale_dtype
         self.name = f"int{bits}"
 
     def compress(self, keys, values, importance=None) -> QuantizedKV:
         self._policy.check_head_dim(keys.shape[-1])
         g, r = self.group_size, self.residual_length
         s = keys.shape[2]
-        sq = -(-max(s - r, 0) // g) * g
+        sq = round_up(max(s - r, 0), g)
         kq, ks, km = quant.quantize_keys(keys[:, :, :sq], self.bits, g, self.scale_dtype)
         vq, vs, vm = quant.quantize_values(values[:, :, :sq], self.bits, g, self.scale_dtype)
         return QuantizedKV(kq=kq, k_scale=ks, k_min=km, vq=vq, v_scale=vs, v_min=vm, k_res=keys[:, :, sq:],

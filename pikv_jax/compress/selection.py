@@ -7,14 +7,17 @@ decode-time hook (slot choice, eviction, score updates), so `--policy h2o --comp
 selects chunks at prefill and evicts with H2O while decoding. Sinks (`n_sink`) and the recent
 `window` are protected at prefill.
 
-`SelectedKV`: the kept tokens of a standalone call, [B, Hkv, K, D] with their positions; it
-decompresses to the original [B, Hkv, S, D] with zeros at dropped positions (so the
-reconstruction error is the energy of what was dropped).
+Standalone calls: `standalone_importance` (the given importance, or the attention of the last
+queries / keys), `kept_budget` (tokens kept of a ratio or count), `top_keep_mask` (the best tokens,
+sinks and recent window protected) and `select_standalone`, which gathers the kept tokens into a
+`SelectedKV`: [B, Hkv, K, D] with their positions; it decompresses to the original [B, Hkv, S, D]
+with zeros at dropped positions (so the reconstruction error is the energy of what was dropped).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -26,17 +29,16 @@ from pikv_jax.cache import ops
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.state import LayerCache, static_field
 from pikv_jax.compress.base import CompressedKV
-from pikv_jax.compress.lowrank import check_inner, decode_owner
+from pikv_jax.compress.wrapper import DecodeByInner, check_inner, decode_owner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SelectorPolicy(CachePolicy):
+class SelectorPolicy(DecodeByInner):
     """Base of prompt-selecting compressor policies (see the module docstring). Subclasses define
     `select(layer, ctx) -> (idx i32[B, Hkv, K], ok bool[B, Hkv, K])`, `layer_budget` and
     `row_budget`."""
 
     name: ClassVar[str] = "selector"
-    inner: CachePolicy = dataclasses.field(default_factory=CachePolicy)
 
     def __post_init__(self):
         check_inner(self.inner, self.name)
@@ -56,8 +58,9 @@ class SelectorPolicy(CachePolicy):
         return True
 
     @property
-    def evicts(self) -> bool:
-        return self.inner.evicts
+    def protected_count(self) -> int:
+        """Prompt tokens never dropped: the sinks and the recent window."""
+        return self.n_sink + self.window
 
     def keeps_whole_prompt(self, prompt_len: int) -> bool:
         return False
@@ -72,12 +75,6 @@ class SelectorPolicy(CachePolicy):
     def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
         return self.inner.init_layer_cache(layer, batch, num_kv_heads, capacity, head_dim, dtype)
 
-    def has_room(self, layer, cache):
-        return self.inner.has_room(layer, cache)
-
-    def prefill_mass_from(self, lengths):
-        return self.inner.prefill_mass_from(lengths)
-
     def share_prefill(self, layer: int, ctx: PrefillContext) -> None:
         """Hook for information later layers need (FastV's ranking); called before `prefill`."""
 
@@ -90,27 +87,12 @@ class SelectorPolicy(CachePolicy):
         init = decode_owner(self.inner).initial_scores(layer, ctx)
         return ops.gather_prompt(cache, ctx.k, ctx.v, ctx.pos, idx, ok, score=init)
 
-    # decode-time hooks belong to the inner policy
-    def recent_window(self, budget):
-        return self.inner.recent_window(budget)
-
-    def eviction_scores(self, layer, cache, q_pos):
-        return self.inner.eviction_scores(layer, cache, q_pos)
-
-    def decode_slot(self, layer, cache, q_pos):
-        return self.inner.decode_slot(layer, cache, q_pos)
-
-    def new_token_score(self, layer, k, q_pos):
-        return decode_owner(self.inner).new_token_score(layer, k, q_pos)
-
+    # decode-time hooks belong to the inner policy (DecodeByInner), the layout too
     def write(self, layer, cache, k, v, q_pos, slot, active):
         return self.inner.write(layer, cache, k, v, q_pos, slot, active)
 
     def attend(self, layer, cache, q, q_pos, *, sliding_window=None, inv_freq=None):
         return self.inner.attend(layer, cache, q, q_pos, sliding_window=sliding_window, inv_freq=inv_freq)
-
-    def observe(self, layer, cache, mass, q_pos, active):
-        return self.inner.observe(layer, cache, mass, q_pos, active)
 
 
 def share_all(policy: CachePolicy, layer: int, ctx: PrefillContext, seen: set) -> None:
@@ -187,9 +169,43 @@ def proxy_importance(keys, queries=None, window: int = 1):
     return jnp.mean(probs, axis=(2, 3))
 
 
+def standalone_importance(keys, importance=None, queries=None, window: int = 1, *, per_head: bool = True):
+    """Token importance of a standalone call over keys [B, Hkv, S, D]: `importance` as given
+    (f32[B, S] or [B, Hkv, S]), else `proxy_importance(keys, queries, window)`. Returns
+    f32[B, Hkv, S] (per_head; a [B, S] importance is the same for every head) or f32[B, S]
+    (averaged over heads)."""
+    b, hk, s, _ = keys.shape
+    imp = proxy_importance(keys, queries, window) if importance is None else jnp.asarray(importance, jnp.float32)
+    if per_head:
+        imp = jnp.broadcast_to(imp[:, None], (b, hk, s)) if imp.shape == (b, s) else imp
+    elif imp.ndim == 3:
+        imp = jnp.mean(imp, axis=1)
+    if imp.shape != ((b, hk, s) if per_head else (b, s)):
+        raise ValueError(f"importance must be [B, S] = {(b, s)} or [B, Hkv, S] = {(b, hk, s)}, "
+                         f"got {tuple(jnp.shape(importance))}")
+    return imp
+
+
+def kept_budget(n: int, protected_count: int, *, ratio: float | None = None, tokens: int | None = None) -> int:
+    """Tokens kept of n: `tokens`, else ceil(ratio * n); at least the protected ones, at most n."""
+    k = tokens if tokens is not None else math.ceil(ratio * n - 1e-6)
+    return min(n, max(k, protected_count))
+
+
+def top_keep_mask(importance, kept: int, n_sink: int, window: int):
+    """importance f32[..., S] -> keep bool[..., S]: the `kept` most important tokens of each row,
+    the first n_sink and the last `window` tokens ranked first (ties: the earlier token)."""
+    s = importance.shape[-1]
+    ranked = jnp.where(protected(s, n_sink, window), jnp.inf, importance)
+    order = jnp.argsort(-ranked, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1) < kept  # a token's place in `order` below kept
+
+
 def select_standalone(keys, values, keep, width: int | None = None):
-    """keys, values [B, Hkv, S, D], keep bool[B, Hkv, S] -> SelectedKV holding the kept tokens in
-    `width` slots (static, at least the largest kept count; default: that count, eager only)."""
+    """keys, values [B, Hkv, S, D], keep bool[B, Hkv, S] (or [B, S], [B, 1, S]: the same for every
+    head) -> SelectedKV holding the kept tokens in `width` slots (static, at least the largest
+    kept count; default: that count, eager only)."""
+    keep = jnp.broadcast_to(keep[:, None] if keep.ndim == 2 else keep, keys.shape[:3])
     if width is None:
         width = max(1, int(jnp.max(jnp.sum(keep, axis=-1))))
     idx, ok = mask_to_indices(keep, width)

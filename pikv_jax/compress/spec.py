@@ -14,7 +14,6 @@ from pikv_jax.compress.pyramid import PyramidCompressor
 from pikv_jax.compress.quantized import QuantizedCompressor
 from pikv_jax.compress.svd import SVDCompressor
 
-
 COMPRESSORS = {"int8": QuantizedCompressor, "int4": QuantizedCompressor, "int2": QuantizedCompressor,
                "quantized": QuantizedCompressor, "svd": SVDCompressor, "lora": LoRACompressor,
                "fastv": FastVCompressor, "chunkkv": ChunkKVCompressor, "pyramid": PyramidCompressor}
@@ -67,6 +66,18 @@ def spec_number(text: str, what: str, kind=float):
         raise ValueError(f"{what} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
 
 
+def spec_kwargs(args, fields, default_ratio: float | None = None) -> dict:
+    """A spec's ':' arguments as keyword arguments: argument i is fields[i] = (keyword, what, kind).
+    An empty compression_ratio argument is left out; a left-out one is `default_ratio` (if given)."""
+    kw = {}
+    for text, (name, what, kind) in zip(args, fields):
+        if name != "compression_ratio" or text:
+            kw[name] = spec_number(text, what, kind)
+    if default_ratio is not None and "compression_ratio" not in kw and fields[0][0] == "compression_ratio":
+        kw["compression_ratio"] = default_ratio
+    return kw
+
+
 def compressor_from_spec(spec: str, *, hidden_size: int | None = None, model=None, default_ratio: float | None = None):
     """One single-method spec component (no "+", not pikv) -> an uncalibrated compressor."""
     spec = str(spec).strip()
@@ -80,11 +91,8 @@ def compressor_from_spec(spec: str, *, hidden_size: int | None = None, model=Non
 
     if key in ("int8", "int4", "int2", "quantized"):
         arity(2)
-        kw = {}
-        if args:
-            kw["group_size"] = spec_number(args[0], f"{key} group size", int)
-        if len(args) > 1:
-            kw["residual_length"] = spec_number(args[1], f"{key} residual length", int)
+        kw = spec_kwargs(args, [("group_size", f"{key} group size", int),
+                                ("residual_length", f"{key} residual length", int)])
         c = create_compressor(key if key != "quantized" else "int4", **kw)
         if cfg is not None:
             c.as_policy().check_head_dim(cfg.dim_per_head)
@@ -106,34 +114,17 @@ def compressor_from_spec(spec: str, *, hidden_size: int | None = None, model=Non
         return LoRACompressor(hidden_size, rank=rank)
     if key == "fastv":
         arity(2)
-        kw = {}
-        if args:
-            kw["layer"] = spec_number(args[0], "fastv layer K", int)
-        if len(args) > 1:
-            kw["drop_ratio"] = spec_number(args[1], "fastv drop ratio")
-        return FastVCompressor(**kw)
+        return FastVCompressor(**spec_kwargs(args, [("layer", "fastv layer K", int),
+                                                    ("drop_ratio", "fastv drop ratio", float)]))
     if key == "chunkkv":
         arity(2)
-        kw = {}
-        if args and args[0]:
-            kw["compression_ratio"] = spec_number(args[0], "chunkkv ratio")
-        elif default_ratio is not None:
-            kw["compression_ratio"] = default_ratio
-        if len(args) > 1:
-            kw["chunk_size"] = spec_number(args[1], "chunkkv chunk size", int)
-        return ChunkKVCompressor(**kw)
+        return ChunkKVCompressor(**spec_kwargs(args, [("compression_ratio", "chunkkv ratio", float),
+                                                      ("chunk_size", "chunkkv chunk size", int)], default_ratio))
     if key == "pyramid":
         arity(3)
-        kw = {"num_layers": cfg.num_hidden_layers if cfg is not None else None}
-        if args and args[0]:
-            kw["compression_ratio"] = spec_number(args[0], "pyramid ratio")
-        elif default_ratio is not None:
-            kw["compression_ratio"] = default_ratio
-        if len(args) > 1:
-            kw["num_levels"] = spec_number(args[1], "pyramid levels", int)
-        if len(args) > 2:
-            kw["decay_factor"] = spec_number(args[2], "pyramid decay factor")
-        return PyramidCompressor(hidden_size, **kw)
+        kw = spec_kwargs(args, [("compression_ratio", "pyramid ratio", float), ("num_levels", "pyramid levels", int),
+                                ("decay_factor", "pyramid decay factor", float)], default_ratio)
+        return PyramidCompressor(hidden_size, num_layers=cfg.num_hidden_layers if cfg is not None else None, **kw)
     raise AssertionError(key)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.compress.base import KVCompressor, as_cache_layout, check_finite
+from pikv_jax.compress.base import KVCompressor
 from pikv_jax.compress.lowrank import LowRankBases, LowRankKV, LowRankPolicy, check_rank, encode
 
 
@@ -99,8 +99,8 @@ class SVDCompressor(KVCompressor):
 
     name = "svd"
 
-    def __init__(self, rank: int | None = None, energy_threshold: float | None = None, *, hidden_size: int | None = None,
-                 per_layer_rank: bool = False, code_dtype=None):
+    def __init__(self, rank: int | None = None, energy_threshold: float | None = None, *,
+                 hidden_size: int | None = None, per_layer_rank: bool = False, code_dtype=None):
         super().__init__()
         if rank is not None and energy_threshold is not None:
             raise ValueError("give either rank or energy_threshold, not both")
@@ -130,15 +130,6 @@ class SVDCompressor(KVCompressor):
     @property
     def calibrated(self) -> bool:
         return self.bases is not None
-
-    def __call__(self, keys, values, importance=None, *, layer: int | None = None) -> LowRankKV:
-        k, v, _ = as_cache_layout(keys, values)
-        check_finite("keys", k)
-        check_finite("values", v)
-        compressed = self.compress(k, v, importance, layer=layer)
-        rk, rv = compressed.decompress()
-        self._stats.record(k, v, rk, rv, compressed.nbytes(), self.name, tokens=k.shape[0] * k.shape[2])
-        return compressed
 
     def compress(self, keys, values, importance=None, *, layer: int | None = None) -> LowRankKV:
         """Codes of keys/values [B, Hkv, S, D] in the calibrated basis of `layer` (when calibrated

@@ -9,14 +9,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 from flax import nnx
 
-import numpy_reference
 from pikv_jax.api import PiKVModel
-from pikv_jax.cache.policies.base import init_policy_cache
+from pikv_jax.cache.policies.base import PrefillContext, init_policy_cache
 from pikv_jax.config import tiny_config
-from pikv_jax.runtime import forward
 from pikv_jax.models.weights import build_model
+from pikv_jax.runtime import forward
+from pikv_jax.runtime.capture import capture_qkv
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +79,6 @@ def run_trace(model: PiKVModel, policy, prompts, fed, *, cache_dtype=jnp.float32
 def true_kv(model: PiKVModel, prompts, fed):
     """Uncached keys (after RoPE) and values of every position of prompt + fed tokens, per layer:
     list of (k [B, Hkv, S, D], v) numpy, position p of row b at index p."""
-    from pikv_jax.runtime.capture import capture_qkv
-
     seqs = [list(p) + [int(t) for t in f] for p, f in zip(prompts, np.asarray(fed))]
     return [(x.k, x.v) for x in capture_qkv(model, seqs, max_tokens=10**6)]
 
@@ -87,9 +86,6 @@ def true_kv(model: PiKVModel, prompts, fed):
 def prefill_contexts(model: PiKVModel, prompts):
     """One PrefillContext per layer from the model's own prefill tensors (all sharing one `shared`
     dict, as in forward.prefill), for eager policy.prefill calls that need no compilation."""
-    from pikv_jax.cache.policies.base import PrefillContext
-    from pikv_jax.runtime.capture import capture_qkv
-
     shared: dict = {}
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     return [PrefillContext(q=jnp.asarray(x.q), k=jnp.swapaxes(jnp.asarray(x.k), 1, 2),

@@ -8,16 +8,25 @@ import argparse
 import jax
 import numpy as np
 import pytest
-
 from compress_helpers import random_prompts, tiny_model
-from pikv_jax.cache.policies import CachePolicy, H2O
+
+from pikv_jax.cache.policies import H2O, CachePolicy
 from pikv_jax.cache.policies.base import init_policy_cache
-from pikv_jax.compress import (ChunkKVCompressor, CompressorChain, FastVCompressor, LoRACompressor, PiKVCompressor,
-                               QuantizedCompressor, create_compressor, parse_compress_spec)
-from pikv_jax.compress.chunkkv import ChunkKVPolicy
 from pikv_jax.cli.compress_args import add_compress_args, apply_compress, validate_compress_args
+from pikv_jax.compress import (
+    ChunkKVCompressor,
+    CompressorChain,
+    FastVCompressor,
+    LoRACompressor,
+    PiKVCompressor,
+    QuantizedCompressor,
+    create_compressor,
+    parse_compress_spec,
+)
+from pikv_jax.compress.chunkkv import ChunkKVPolicy
 from pikv_jax.compress.kivi import QuantizedPolicy
 from pikv_jax.compress.lowrank import LowRankPolicy
+from pikv_jax.eval.methods import parse_method
 
 
 def test_create_compressor_by_name():
@@ -134,9 +143,8 @@ def test_generate_stats_report_the_bytes_allocated():
 
 
 def test_eval_method_specs():
-    """Importing the eval layer registers the compression transforms (no explicit call)."""
-    from pikv_jax.eval.methods import parse_method
-
+    """Importing the eval layer (this module's import of parse_method) registers the compression
+    transforms (no explicit call)."""
     m = parse_method("h2o@0.25+int4(group_size=8,residual_length=16)", num_layers=2)
     assert isinstance(m.policy, QuantizedPolicy) and m.policy.inner == H2O(budget_ratio=0.25)
     assert m.policy.bits == 4 and m.policy.group_size == 8

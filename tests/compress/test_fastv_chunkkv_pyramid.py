@@ -12,14 +12,15 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from compress_helpers import prefill_contexts, prefill_eager, random_prompts, run_trace, tiny_model
-from pikv_jax.cache.policies import CachePolicy, H2O, SnapKV
+
+from pikv_jax.cache.policies import H2O, CachePolicy, SnapKV
 from pikv_jax.cache.state import init_layer_cache
-from pikv_jax.runtime.capture import capture_qkv
 from pikv_jax.compress.chunkkv import ChunkKVCompressor, ChunkKVPolicy, chunk_keep_mask
 from pikv_jax.compress.fastv import FastVCompressor, FastVPolicy
 from pikv_jax.compress.pyramid import PyramidCompressor, PyramidPolicy
+from pikv_jax.compress.selection import proxy_importance
+from pikv_jax.runtime.capture import capture_qkv
 
 LENGTHS, STEPS = (30, 45), 40
 
@@ -112,6 +113,25 @@ def test_fastv_standalone():
     assert float(jnp.abs(rk[0, :, dropped]).max()) == 0.0
     s = c.get_compression_stats()
     assert s["stored_bytes"] == out.nbytes() and s["method_usage"] == {"fastv": 1}
+
+
+def test_queries_are_a_call_argument_not_compressor_state():
+    """`queries=` goes through the call to `compress` (nothing is kept on the compressor): FastV with
+    the last query and ChunkKV with the last w queries keep what the importance those queries give
+    would keep, and a later call without queries is back to the key proxy."""
+    rng = np.random.default_rng(3)
+    k = jnp.asarray(rng.normal(size=(2, 2, 40, 8)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(2, 4, 6, 8)), jnp.float32)  # [B, H, w, D]
+    for c, queries, window in ((FastVCompressor(drop_ratio=0.5, n_sink=2, window=3), q[:, :, -1], 1),
+                               (ChunkKVCompressor(5, 0.4, obs_window=6, n_sink=2), q, 6)):
+        state = dict(vars(c))
+        with_q = c(k, k, queries=queries)
+        want = c(k, k, proxy_importance(k, queries, window))
+        np.testing.assert_array_equal(with_q.pos, want.pos)
+        np.testing.assert_array_equal(c.compress(k, k, queries=queries).pos, want.pos)
+        assert vars(c).keys() == state.keys()
+        np.testing.assert_array_equal(c(k, k).pos, c(k, k, proxy_importance(k, None, window)).pos)
+        assert c.get_compression_stats()["calls"] == 4
 
 
 def test_fastv_errors():

@@ -8,8 +8,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-
 from compress_helpers import random_prompts, run_trace, tiny_model, true_kv
+
 from pikv_jax.cache.policies import H2O, CachePolicy
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.cache.quantized import QuantizedLayerCache

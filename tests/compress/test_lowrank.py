@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from compress_helpers import random_prompts, run_trace, tiny_model, true_kv
+from flax import nnx
+
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies import H2O, CachePolicy, StreamingLLM
 from pikv_jax.compress.lora import LoRACompressor
@@ -125,7 +126,6 @@ def test_lora_seed_layout_and_gradients():
     lora = LoRACompressor(24, rank=4, alpha=8.0, dropout=0.0)
     out = lora(x, x)
     assert out.ck.shape == (2, 1, 10, 4)
-    from flax import nnx
 
     def loss(m):
         rk, _ = m.reconstruct(x[:, None], x[:, None])

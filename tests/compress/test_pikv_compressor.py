@@ -8,11 +8,11 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from compress_helpers import prefill_contexts, prefill_eager, random_prompts, run_trace, tiny_model
-from pikv_jax.cache.policies import CachePolicy, H2O, SnapKV
-from pikv_jax.compress.fastv import FastVPolicy
+
+from pikv_jax.cache.policies import H2O, CachePolicy, SnapKV
 from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.compress.fastv import FastVPolicy
 from pikv_jax.compress.kivi import QuantizedPolicy
 from pikv_jax.compress.pikv import PerLayerPolicy, PiKVCompressor, assign_methods, depth_prior
 from pikv_jax.compress.quantized import QuantizedKV

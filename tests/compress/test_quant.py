@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pikv_jax.kernels import quant
 from pikv_jax.compress.quantized import QuantizedCompressor
+from pikv_jax.kernels import quant
 
 
 def _data(seed, shape=(2, 3, 64, 32)):
