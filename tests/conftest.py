@@ -1,4 +1,10 @@
-"""Shared fixtures. The real model (SmolLM2 from the bundled GGUF) loads once per session."""
+"""Shared fixtures. The real model (SmolLM2 from the bundled GGUF) loads once per session.
+
+Shape checks: the jaxtyping annotations of the modules in `TYPECHECKED` are enforced at test time
+by jaxtyping's import hook with beartype as the checker (set PIKV_TYPECHECK=0 to switch it off).
+The hook must be installed before any of these modules is first imported, hence here, at the top
+of the root conftest, which pytest imports before any test module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,30 @@ import os
 import pathlib
 
 import pytest
+
+# Modules whose annotated functions and dataclasses are checked: the cache pytrees and their
+# primitive operations, the generation state, and the kernels (annotated from the start). Not the
+# whole package: elsewhere annotations are documentation only (see tests/test_shape_checks.py).
+TYPECHECKED = (
+    "pikv_jax.cache.state",
+    "pikv_jax.cache.ops",
+    "pikv_jax.cache.pooled",
+    "pikv_jax.cache.quantized",
+    "pikv_jax.runtime.generate",
+    "pikv_jax.kernels",
+)
+TYPECHECK = os.environ.get("PIKV_TYPECHECK", "1") != "0"
+
+if TYPECHECK:
+    import sys
+
+    _early = sorted(m for m in sys.modules if m.startswith(TYPECHECKED))
+    if _early:  # imported before the hook (e.g. by a plugin): their annotations would go unchecked
+        raise RuntimeError(f"modules imported before the jaxtyping import hook: {_early}")
+    import jaxtyping
+
+    jaxtyping.install_import_hook(list(os.environ.get("PIKV_TYPECHECK_MODULES", ",".join(TYPECHECKED)).split(",")),
+                                  "beartype.beartype")
 
 # A copy of ../shared/reference/smollm2_transformers.json (transformers 5.2.0 on the same GGUF weights),
 # kept in the repository so that a clean clone anywhere can run the golden tests.
@@ -188,8 +218,8 @@ def tiny_lm():
     """A PiKVModel over a tiny random Llama (no tokenizer) whose greedy output is varied, with
     three prompts of different lengths. Shared so that compiled generation is reused across files."""
     import numpy as np
-
     import numpy_reference
+
     from pikv_jax.api import PiKVModel
     from pikv_jax.config import tiny_config
     from pikv_jax.models.weights import build_model

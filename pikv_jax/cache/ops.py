@@ -1,10 +1,14 @@
 """Primitive cache operations shared by every policy: write a prompt, gather a kept subset, find a
 free slot, write one decoded token into chosen slots. All are O(C) or O(S) and shape-static."""
 
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b s hk d" are not forward references)
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Int32
 
 from pikv_jax.cache.state import EMPTY, LayerCache
 
@@ -14,7 +18,8 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def write_prompt(cache: LayerCache, k, v, pos, score=None) -> LayerCache:
+def write_prompt(cache: LayerCache, k: Float[Array, "b s hk d"], v: Float[Array, "b s hk d"], pos: Int[Array, "b s"],
+                 score: Float[Array, "b hk s"] | None = None) -> LayerCache:
     """Writes all S prompt tokens into slots [0, S) of an empty cache.
 
     k, v: [B, S, Hkv, D]; pos: i32[B, S] (-1 for padding); score: optional f32[B, Hkv, S].
@@ -33,7 +38,9 @@ def write_prompt(cache: LayerCache, k, v, pos, score=None) -> LayerCache:
     )
 
 
-def gather_prompt(cache: LayerCache, k, v, pos, keep_idx, keep_ok, score=None) -> LayerCache:
+def gather_prompt(cache: LayerCache, k: Float[Array, "b s hk d"], v: Float[Array, "b s hk d"], pos: Int[Array, "b s"],
+                  keep_idx: Int[Array, "b hk kk"], keep_ok: Bool[Array, "b hk kk"],
+                  score: Float[Array, "b hk s"] | None = None) -> LayerCache:
     """Writes a per-(row, head) subset of the prompt into slots [0, K) of an empty cache.
 
     keep_idx: i32[B, Hkv, K] prompt indices to keep; keep_ok: bool[B, Hkv, K] (False = leave empty,
@@ -63,13 +70,15 @@ def gather_prompt(cache: LayerCache, k, v, pos, keep_idx, keep_ok, score=None) -
     )
 
 
-def first_free_slot(pos):
+def first_free_slot(pos: Int[Array, "b hk c"]) -> tuple[Int32[Array, "b hk"], Bool[Array, "b hk"]]:
     """pos: i32[B, Hkv, C] -> (slot i32[B, Hkv], has_free bool[B, Hkv])."""
     free = pos < 0
     return jnp.argmax(free, axis=-1).astype(jnp.int32), jnp.any(free, axis=-1)
 
 
-def write_token(cache: LayerCache, k, v, pos, slot, active, score=0.0) -> LayerCache:
+def write_token(cache: LayerCache, k: Float[Array, "b hk d"], v: Float[Array, "b hk d"], pos: Int[Array, " b"],
+                slot: Int[Array, "b hk"], active: Bool[Array, " b"],
+                score: float | Float[Array, ""] | Float[Array, "b hk"] = 0.0) -> LayerCache:
     """Writes one token per row into slot[b, h] of every KV head, in place (scatter).
 
     k, v: [B, Hkv, D]; pos: i32[B]; slot: i32[B, Hkv]; active: bool[B] (inactive rows untouched).

@@ -20,21 +20,26 @@ the slots with head == h (and a visible position); the per-slot mass is reduced 
 heads of the slot's own head. Empty slots get exactly 0 and never produce NaN.
 """
 
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b p d" are not forward references)
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jaxtyping import Array, Bool, Float, Float32, Int, Int32
 
 from pikv_jax.attention import reference
-from pikv_jax.cache.state import EMPTY, SlotCacheBase, static_field
+from pikv_jax.cache.state import EMPTY, SlotCacheBase, pytree_dataclass, static_field
 
 UNASSIGNED = -1  # head value of a slot no head owns yet
 
 
-@struct.dataclass
+@pytree_dataclass
 class PooledLayerCache(SlotCacheBase):
     """One layer's cache as a pool of P slots per row, each owned by one KV head (see module doc).
 
@@ -42,16 +47,16 @@ class PooledLayerCache(SlotCacheBase):
     ((start, end) per head) when ownership is fixed, else None.
     """
 
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    head: jax.Array
-    score: jax.Array
+    k: Float[Array, "b p d"]
+    v: Float[Array, "b p d"]
+    pos: Int32[Array, "b p"]
+    head: Int32[Array, "b p"]
+    score: Float[Array, "b p"]
     num_kv_heads: int = static_field()
     segments: tuple[tuple[int, int], ...] | None = static_field(default=None)
     extra: dict[str, Any] = struct.field(default_factory=dict)
 
-    def head_positions(self) -> jax.Array:
+    def head_positions(self) -> Int32[Array, "b hk p"]:
         """i32[B, Hkv, P]: pos where the slot belongs to head h, else -1 (layout-independent view)."""
         mine = self.head[:, None, :] == jnp.arange(self.num_kv_heads, dtype=jnp.int32)[None, :, None]
         return jnp.where(mine, self.pos[:, None, :], EMPTY)
@@ -63,7 +68,7 @@ class PooledLayerCache(SlotCacheBase):
         return (jnp.where(mine, self.k[:, None].astype(dtype), 0), jnp.where(mine, self.v[:, None].astype(dtype), 0))
 
 
-def segments_from_sizes(sizes) -> tuple[tuple[int, int], ...]:
+def segments_from_sizes(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """Static contiguous slot ranges for per-head sizes: (3, 2) -> ((0, 3), (3, 5))."""
     out, start = [], 0
     for n in sizes:
@@ -99,7 +104,9 @@ def init_pooled_cache(batch: int, num_kv_heads: int, slots: int, head_dim: int, 
     )
 
 
-def gather_prompt_pooled(cache: PooledLayerCache, k, v, pos, keep, score=None) -> PooledLayerCache:
+def gather_prompt_pooled(cache: PooledLayerCache, k: Float[Array, "b s hk d"], v: Float[Array, "b s hk d"],
+                         pos: Int[Array, "b s"], keep: Bool[Array, "b hk s"],
+                         score: Float[Array, "b hk s"] | None = None) -> PooledLayerCache:
     """Writes each head's kept prompt tokens into an empty pool (the pooled `write_prompt`).
 
     k, v: [B, S, Hkv, D]; pos: i32[B, S] (-1 = padding); keep: bool[B, Hkv, S] (padding is never
@@ -133,7 +140,7 @@ def gather_prompt_pooled(cache: PooledLayerCache, k, v, pos, keep, score=None) -
     )
 
 
-def free_slots(cache: PooledLayerCache):
+def free_slots(cache: PooledLayerCache) -> tuple[Int32[Array, "b hk"], Bool[Array, "b hk"]]:
     """A free slot for each KV head: (slot i32[B, Hkv], ok bool[B, Hkv]).
 
     Head h takes a free slot it already owns if there is one (the first); otherwise an unassigned
@@ -157,7 +164,9 @@ def free_slots(cache: PooledLayerCache):
     return slot, ok
 
 
-def write_token_pooled(cache: PooledLayerCache, k, v, pos, slot, active, score=0.0) -> PooledLayerCache:
+def write_token_pooled(cache: PooledLayerCache, k: Float[Array, "b hk d"], v: Float[Array, "b hk d"],
+                       pos: Int[Array, " b"], slot: Int[Array, "b hk"], active: Bool[Array, " b"],
+                       score: float | Float[Array, ""] | Float[Array, "b hk"] = 0.0) -> PooledLayerCache:
     """Writes one token per (row, KV head) into pool slot[b, h] and marks it owned by h.
 
     k, v: [B, Hkv, D]; pos: i32[B]; slot: i32[B, Hkv] (distinct per row); active: bool[B]
@@ -178,8 +187,9 @@ def write_token_pooled(cache: PooledLayerCache, k, v, pos, slot, active, score=0
     )
 
 
-def pooled_decode_attention(q, cache: PooledLayerCache, q_pos, *, sliding_window: int | None = None,
-                            group_reduce: str = "mean"):
+def pooled_decode_attention(q: Float[Array, "b h d"], cache: PooledLayerCache, q_pos: Int[Array, " b"], *,
+                            sliding_window: int | None = None,
+                            group_reduce: str = "mean") -> tuple[Float[Array, "b h d"], Float32[Array, "b p"]]:
     """One query per row over a pool -> (out [B, H, D] in q's dtype, mass f32[B, P]).
 
     q: [B, H, D] (after RoPE); q_pos: i32[B]. Query head j attends over the slots owned by KV head

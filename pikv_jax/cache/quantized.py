@@ -2,38 +2,42 @@
 full-precision residual ring of the newest tokens (Liu et al., 2024). The layout only; the policy
 that writes and evicts it is `pikv_jax.compress.kivi.QuantizedPolicy`."""
 
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b hk c d" are not forward references)
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 from flax import struct
+from jaxtyping import Array, Float, Int32, UInt8
 
-from pikv_jax.cache.state import EMPTY, PerHeadSlotCache, static_field
+from pikv_jax.cache.state import EMPTY, PerHeadSlotCache, pytree_dataclass, static_field
 from pikv_jax.kernels import quant
 
 
-@struct.dataclass
+@pytree_dataclass
 class QuantizedLayerCache(PerHeadSlotCache):
     """KIVI layout (pikv_jax/compress/kivi.py has the policy that fills it).
 
     kq, vq: u8[B, Hkv, Cq, D*bits/8]; k_scale, k_min: [B, Hkv, Cq/G, D]; v_scale, v_min:
     [B, Hkv, Cq, D/G]; k_res, v_res: [B, Hkv, R, D]; pos, score: [B, Hkv, Cq + R] (quantized slots
-    first, then the ring); ring_start, ring_count: i32[B, Hkv]."""
+    first, then the ring); ring_start, ring_count: i32[B, Hkv]. In the annotations pb = D*bits/8,
+    ng = Cq/G (key groups along tokens), nv = D/G (value groups along channels)."""
 
-    kq: jax.Array
-    k_scale: jax.Array
-    k_min: jax.Array
-    vq: jax.Array
-    v_scale: jax.Array
-    v_min: jax.Array
-    k_res: jax.Array
-    v_res: jax.Array
-    pos: jax.Array
-    score: jax.Array
-    ring_start: jax.Array
-    ring_count: jax.Array
+    kq: UInt8[Array, "b hk cq pb"]
+    k_scale: Float[Array, "b hk ng d"]
+    k_min: Float[Array, "b hk ng d"]
+    vq: UInt8[Array, "b hk cq pb"]
+    v_scale: Float[Array, "b hk cq nv"]
+    v_min: Float[Array, "b hk cq nv"]
+    k_res: Float[Array, "b hk r d"]
+    v_res: Float[Array, "b hk r d"]
+    pos: Int32[Array, "b hk cq+r"]
+    score: Float[Array, "b hk cq+r"]
+    ring_start: Int32[Array, "b hk"]
+    ring_count: Int32[Array, "b hk"]
     extra: dict[str, Any] = struct.field(default_factory=dict)
     bits: int = static_field(default=4)
     group_size: int = static_field(default=32)

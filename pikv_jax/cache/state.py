@@ -10,14 +10,21 @@ Bytes are counted from the arrays actually allocated; `full_bf16_bytes` is what 
 bfloat16 cache of the same tokens would take, the denominator of every compression ratio.
 """
 
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b hk c d" are not forward references)
+
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Int32
 
 EMPTY = -1  # position value of an empty slot
 
@@ -25,6 +32,41 @@ EMPTY = -1  # position value of an empty slot
 def static_field(**kw):
     """A dataclass field that is part of the treedef (static under jit), not an array leaf."""
     return struct.field(pytree_node=False, **kw)
+
+
+def pytree_dataclass(cls):
+    """A frozen dataclass registered as a pytree: array fields are leaves, `static_field`s go in the
+    treedef (the `struct.field(pytree_node=...)` convention of `flax.struct.dataclass`), plus `replace`.
+
+    Unlike `jax.tree_util.register_dataclass`, unflattening does not call `__init__`: jax rebuilds
+    pytrees with leaves that are not arrays (None, shardings, ShapeDtypeStructs from `eval_shape`,
+    numpy arrays from `device_get`), which the jaxtyping field annotations checked at test time
+    (tests/conftest.py) would rightly reject. Explicit construction and `replace` still go through
+    `__init__` and are checked.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    data = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
+    meta = tuple(f.name for f in fields if not f.metadata.get("pytree_node", True))
+    keys = tuple(jax.tree_util.GetAttrKey(n) for n in data)
+
+    def flatten_with_keys(x):
+        return [(k, getattr(x, n)) for k, n in zip(keys, data)], tuple(getattr(x, n) for n in meta)
+
+    def flatten(x):
+        return [getattr(x, n) for n in data], tuple(getattr(x, n) for n in meta)
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        for n, value in zip(data, children):
+            object.__setattr__(obj, n, value)
+        for n, value in zip(meta, aux):
+            object.__setattr__(obj, n, value)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    cls.replace = lambda self, **updates: dataclasses.replace(self, **updates)
+    return cls
 
 
 def tree_nbytes(tree) -> int:
@@ -87,7 +129,7 @@ class PerHeadSlotCache(SlotCacheBase):
         return self.pos.shape[1]
 
 
-@struct.dataclass
+@pytree_dataclass
 class LayerCache(PerHeadSlotCache):
     """One layer's cache.
 
@@ -97,22 +139,22 @@ class LayerCache(PerHeadSlotCache):
     extra:  dict of policy state arrays (e.g. LRU's last-use step, Quest's page bounds)
     """
 
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    score: jax.Array
+    k: Float[Array, "b hk c d"]
+    v: Float[Array, "b hk c d"]
+    pos: Int32[Array, "b hk c"]
+    score: Float[Array, "b hk c"]
     extra: dict[str, Any] = struct.field(default_factory=dict)
 
 
-@struct.dataclass
+@pytree_dataclass
 class KVCache:
     """All layers' caches plus the per-row count of tokens seen (= position of the next token).
 
     `length` counts tokens fed to the model, resident or evicted; resident counts come from `pos`.
     """
 
-    layers: tuple[LayerCache, ...]
-    length: jax.Array  # i32[B]
+    layers: tuple[SlotCacheBase, ...]  # LayerCache or another layout (quantized, pooled, low-rank, ...)
+    length: Int32[Array, " b"]
 
     @property
     def batch(self) -> int:
@@ -131,13 +173,14 @@ class KVCache:
         return np.stack([np.asarray(layer.resident_per_head()) for layer in self.layers])
 
 
-def full_bf16_bytes(num_tokens: int | np.ndarray, *, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+def full_bf16_bytes(num_tokens: ArrayLike, *, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
     """Bytes of an uncompressed bf16 K+V cache holding `num_tokens` tokens (summed over rows)."""
     return int(np.sum(num_tokens)) * num_layers * num_kv_heads * head_dim * 2 * 2
 
 
 def init_layer_cache(batch: int, num_kv_heads: int, capacity: int, head_dim: int, dtype,
                      extra: dict[str, Any] | None = None) -> LayerCache:
+    """An empty layer cache: C slots per (row, KV head), every position EMPTY."""
     if capacity < 1:
         raise ValueError(f"cache capacity must be >= 1, got {capacity}")
     shape = (batch, num_kv_heads, capacity)
@@ -150,7 +193,7 @@ def init_layer_cache(batch: int, num_kv_heads: int, capacity: int, head_dim: int
     )
 
 
-def init_cache(batch: int, capacities: int | tuple[int, ...], *, num_layers: int, num_kv_heads: int,
+def init_cache(batch: int, capacities: int | Sequence[int], *, num_layers: int, num_kv_heads: int,
                head_dim: int, dtype=jnp.float32) -> KVCache:
     """An empty cache. `capacities` is one int for every layer or one per layer (pyramid budgets)."""
     if batch < 1:

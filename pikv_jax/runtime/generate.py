@@ -6,6 +6,9 @@ free slot left ("cache full"). Nothing leaves the device inside the loop unless 
 callback is given, in which case each step's tokens go to the host through an ordered io_callback.
 """
 
+# ruff: noqa: F722
+# (jaxtyping shape strings such as "b n" are not forward references)
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,30 +17,31 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx, struct
+import numpy as np
+from flax import nnx
 from jax.experimental import io_callback
+from jaxtyping import Array, Int32, PRNGKeyArray
 
 from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.cache.state import KVCache
+from pikv_jax.cache.state import KVCache, pytree_dataclass
 from pikv_jax.runtime import forward
 from pikv_jax.sampling import SamplingConfig, sample
-import numpy as np
 
 RUNNING, STOP_TOKEN, MAX_TOKENS, CACHE_FULL = 0, 1, 2, 3
 FINISH_REASONS = {RUNNING: "running", STOP_TOKEN: "stop_token", MAX_TOKENS: "max_tokens", CACHE_FULL: "cache_full"}
 
 
-@struct.dataclass
+@pytree_dataclass
 class DecodeState:
     """Loop carry. tokens: i32[B, N] generated ids (-1 past each row's end)."""
 
-    step: jax.Array  # i32[] decode iterations run
-    last: jax.Array  # i32[B] token to feed next
-    tokens: jax.Array  # i32[B, N]
-    num_generated: jax.Array  # i32[B]
-    finish: jax.Array  # i32[B] one of FINISH_REASONS (RUNNING while active)
+    step: Int32[Array, ""]  # decode iterations run
+    last: Int32[Array, " b"]  # token to feed next
+    tokens: Int32[Array, "b n"]
+    num_generated: Int32[Array, " b"]
+    finish: Int32[Array, " b"]  # one of FINISH_REASONS (RUNNING while active)
     cache: KVCache
-    key: jax.Array
+    key: PRNGKeyArray  # sampling seed (a typed key or a raw uint32[2] key)
 
     @property
     def done(self):
