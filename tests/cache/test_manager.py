@@ -4,8 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from pikv_jax.scheduling import (CacheSchedulingManager, H2OScheduler, LRUScheduler, SchedulingPolicy,
-                                    StreamingLLMScheduler)
+from pikv_jax.scheduling import (
+    CacheSchedulingManager,
+    DuoAttentionScheduler,
+    H2OScheduler,
+    LRUScheduler,
+    SchedulingPolicy,
+    StreamingLLMScheduler,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -47,7 +53,7 @@ def test_hit_rate_is_one_without_eviction_and_matches_numpy():
     assert m.get_cache_stats()["hit_rate"] == pytest.approx(1.0, abs=1e-6)
 
     # cache of 6 (2 sinks + 4 recent): compute the attention share on resident tokens by hand
-    m = StreamingLLMScheduler(6, 8, start_size=2, num_kv_heads=1, num_heads=1)
+    m = StreamingLLMScheduler(6, 8, start_size=2, num_kv_heads=1, num_heads=1, hit_window=32)
     m.update_cache(k[:, :5], v[:, :5], {"queries": q[:, :5]})  # fits: token by token from the start
     m.update_cache(k[:, 5:], v[:, 5:], {"queries": q[:, 5:]})
     hits = []
@@ -57,7 +63,9 @@ def test_hit_rate_is_one_without_eviction_and_matches_numpy():
         p /= p.sum()
         resident = [i for i in range(t + 1) if i < 2 or i > t - 4] if t >= 6 else list(range(t + 1))
         hits.append(p[resident].sum())
-    assert m.get_cache_stats()["hit_rate"] == pytest.approx(float(np.mean(hits)), abs=1e-5)
+    st = m.get_cache_stats()
+    assert st["hit_rate_kind"] == "attention_mass" and st["hit_rate_exact"]
+    assert st["hit_rate"] == pytest.approx(float(np.mean(hits)), abs=1e-5)
 
 
 def test_cached_data_in_position_order():
@@ -119,8 +127,6 @@ def test_errors():
 
 
 def test_duo_attention_scheduler_streams_every_head():
-    from pikv_jax.scheduling import DuoAttentionScheduler
-
     m = DuoAttentionScheduler(10, 16, sink_size=3, num_kv_heads=2)
     k, v, _ = _data(1, 25, hidden=16)
     m.update_cache(k[:, :6], v[:, :6])
