@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check pikv_jax tests scripts
+	$(BIN)/ruff check pikv_jax tests scripts examples
 	$(BIN)/lint-imports
 
 test-fast: $(STAMP)

@@ -111,7 +111,8 @@ class PiKVMoE(nnx.Module):
       rank, alpha: LoRA rank (0 = plain experts) and scale numerator (adapter scale = alpha / rank).
       router: a kind for `create_moe_router` or a router module built for the same sizes.
       use_distillation, teacher_hidden_size: add a projection of a teacher's hidden states
-        [.., teacher_hidden_size] -> [.., hidden_size] and an MSE distillation loss.
+        [.., teacher_hidden_size] -> [.., hidden_size] and an MSE distillation loss (teacher_hidden_size
+        defaults to 2 * hidden_size, as in PiKV's guide).
       intermediate_size: expert width (default 2 * hidden_size).
       capacity_factor: overrides the router's capacity factor (training and evaluation).
       dropless: use the ragged (sort + ragged_dot) path; nothing is dropped.
@@ -134,8 +135,10 @@ class PiKVMoE(nnx.Module):
                              f"allowed: 1..{num_experts}")
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
-        if use_distillation and (teacher_hidden_size is None or teacher_hidden_size < 1):
-            raise ValueError("use_distillation=True needs teacher_hidden_size >= 1")
+        if use_distillation and teacher_hidden_size is None:
+            teacher_hidden_size = 2 * hidden_size  # the seed's default: config['hidden_size'] * 2
+        if use_distillation and teacher_hidden_size < 1:
+            raise ValueError(f"teacher_hidden_size must be >= 1 with use_distillation=True, got {teacher_hidden_size}")
         if shared_expert_size < 0:
             raise ValueError(f"shared_expert_size must be >= 0, got {shared_expert_size}")
         if isinstance(router, str):
