@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.policies.scoring import window_probs
-from pikv_jax.compress.base import KVCompressor
+from pikv_jax.compress.base import KVCompressor, check_hidden_size
 from pikv_jax.compress.selection import (
     SelectedKV,
     SelectorPolicy,
@@ -123,7 +123,8 @@ class ChunkKVCompressor(KVCompressor):
     0.5 if it has none. obs_window, n_sink, per_head: as in ChunkKVPolicy. Standalone: importance
     f32[B, S] or [B, Hkv, S] per token (default: observation-window attention of the keyword
     `queries` [B, H, w, D] when given, `compressor(keys, values, queries=q)`, else with the last
-    keys standing in for the queries).
+    keys standing in for the queries). hidden_size (optional): the per-token width K/V must have
+    (heads kept as given).
     """
 
     name = "chunkkv"
@@ -133,6 +134,7 @@ class ChunkKVCompressor(KVCompressor):
                  hidden_size: int | None = None):
         super().__init__()
         check_chunkkv(chunk_size, obs_window)
+        self.hidden_size = check_hidden_size(hidden_size)
         if compression_ratio is not None and budget_tokens is not None:
             raise ValueError("give either compression_ratio or budget_tokens, not both")
         if compression_ratio is not None and not 0.0 < compression_ratio <= 1.0:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache.policies.scoring import window_probs
-from pikv_jax.compress.base import KVCompressor
+from pikv_jax.compress.base import KVCompressor, check_hidden_size
 from pikv_jax.compress.selection import (
     SelectedKV,
     SelectorPolicy,
@@ -119,7 +119,8 @@ class FastVCompressor(KVCompressor):
     """FastV token dropping (see the module docstring). Standalone: keys/values [B, Hkv, S, D] (or
     [B, S, hidden]) and importance f32[B, S] (the last token's head-averaged attention at layer K)
     or f32[B, Hkv, S]; without importance, the keyword `queries` [B, H, D] (the last query) gives
-    it, `compressor(keys, values, queries=q)`, else the last key stands in for the last query."""
+    it, `compressor(keys, values, queries=q)`, else the last key stands in for the last query.
+    hidden_size (optional): the per-token width K/V must have (heads kept as given)."""
 
     name = "fastv"
 
@@ -127,6 +128,7 @@ class FastVCompressor(KVCompressor):
                  hidden_size: int | None = None):
         super().__init__()
         check_fastv(layer, drop_ratio)
+        self.hidden_size = check_hidden_size(hidden_size)
         if n_sink < 0 or window < 0:
             raise ValueError(f"n_sink and window must be >= 0, got {n_sink}, {window}")
         self.layer, self.drop_ratio, self.n_sink, self.window = layer, float(drop_ratio), n_sink, window

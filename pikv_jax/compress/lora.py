@@ -9,6 +9,11 @@ cache stores the rank-r codes and attention runs in the code space through the s
 `LowRankPolicy` as SVD (pikv_jax/compress/lowrank.py), with decoders (alpha / rank) up.
 
 hidden_size: Hkv * D (num_kv_heads given), or D for the seed's [B, S, hidden] layout (one head).
+A standalone call accepts [B, S, hidden_size], [B, 1, S, hidden_size] and per-layer
+[B, heads, S, head_dim] with heads * head_dim = hidden_size: each token's concatenated heads are
+regrouped into the compressor's num_kv_heads heads of width hidden_size / num_kv_heads (with the
+default num_kv_heads=1, one rank-r code per token of all heads together) and unpacking the result
+regroups them back (pikv_jax/compress/base.py).
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class LoRACompressor(nnx.Module, KVCompressor):
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def stored_layout(self, importance=None):
+        return self.num_kv_heads, self.head_dim
 
     # ------------------------------------------------------------------ initialisation
 

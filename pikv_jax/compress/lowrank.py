@@ -33,8 +33,8 @@ from flax import struct
 
 from pikv_jax.attention.reference import NEG_INF, reduce_group, visible
 from pikv_jax.cache.policies.base import PrefillContext
-from pikv_jax.cache.state import EMPTY, PerHeadSlotCache, tree_nbytes
-from pikv_jax.compress.base import CompressedKV
+from pikv_jax.cache.state import EMPTY, PerHeadSlotCache, static_field, tree_nbytes
+from pikv_jax.compress.base import CACHE_LAYOUT, CompressedKV, Layout
 from pikv_jax.compress.wrapper import DecodeByInner, check_inner
 
 # ---------------------------------------------------------------------------------------------- bases
@@ -147,12 +147,14 @@ def decode(codes, dec):
 @struct.dataclass
 class LowRankKV(CompressedKV):
     """Standalone low-rank K/V: codes ck [B, Hkv, S, r_k], cv [B, Hkv, S, r_v] and the decoders
-    dec_k [Hkv, r_k, D], dec_v [Hkv, r_v, D] needed to read them (counted in the stored bytes)."""
+    dec_k [Hkv, r_k, D], dec_v [Hkv, r_v, D] needed to read them (counted in the stored bytes);
+    layout: the caller's (for unpacking, pikv_jax/compress/base.py)."""
 
     ck: jax.Array
     cv: jax.Array
     dec_k: jax.Array
     dec_v: jax.Array
+    layout: Layout = static_field(default=CACHE_LAYOUT)
 
     def decompress(self):
         return decode(self.ck, self.dec_k), decode(self.cv, self.dec_v)

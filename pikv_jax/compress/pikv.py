@@ -31,7 +31,7 @@ import numpy as np
 from pikv_jax.attention import reference
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
 from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
-from pikv_jax.compress.base import KVCompressor
+from pikv_jax.compress.base import KVCompressor, check_hidden_size
 from pikv_jax.compress.lora import LoRACompressor
 from pikv_jax.compress.pyramid import PyramidCompressor
 from pikv_jax.compress.selection import proxy_importance, share_all
@@ -166,13 +166,14 @@ class PiKVCompressor(KVCompressor):
     def __init__(self, hidden_size: int | None = None, compression_methods=("lora", "pyramid"),
                  importance_threshold: float = 0.5, adaptive_selection: bool = True, *, num_layers: int | None = None):
         super().__init__()
+        hidden_size = check_hidden_size(hidden_size)
         methods = list(compression_methods)
         if not methods:
             raise ValueError("compression_methods is empty: give at least one method")
         if not 0.0 <= importance_threshold <= 1.0:
             raise ValueError(f"importance_threshold must be in [0, 1], got {importance_threshold}")
-        self.hidden_size, self.importance_threshold, self.adaptive_selection = hidden_size, importance_threshold, \
-            adaptive_selection
+        self.hidden_size = hidden_size
+        self.importance_threshold, self.adaptive_selection = importance_threshold, adaptive_selection
         self.num_layers = num_layers
         self.method_names = [m.strip().lower() if isinstance(m, str) else getattr(m, "name", type(m).__name__)
                              for m in methods]
@@ -268,6 +269,10 @@ class PiKVCompressor(KVCompressor):
 
     def usage_name(self, importance=None) -> str:
         return self.method_names[self._choose(importance)]
+
+    def stored_layout(self, importance=None):
+        """The layout of the method a call with this importance chooses."""
+        return self.compressors[self._choose(importance)].stored_layout(importance)
 
     def get_compression_stats(self) -> dict:
         stats = super().get_compression_stats()

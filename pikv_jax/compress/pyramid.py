@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, select_top
 from pikv_jax.cache.policies.scoring import avg_pool
 from pikv_jax.cache.policies.snapkv import SnapKV
-from pikv_jax.compress.base import KVCompressor
+from pikv_jax.compress.base import KVCompressor, check_hidden_size
 from pikv_jax.compress.selection import (
     SelectedKV,
     SelectorPolicy,
@@ -103,7 +103,8 @@ class PyramidCompressor(KVCompressor):
     num_layers: the model depth (needed by `as_policy`; `PiKVModel`-aware helpers pass it).
     Standalone calls compress one layer's keys/values at `layer` (default 0; with num_layers
     unset, layer index = level index) by `importance` f32[B, S] / [B, Hkv, S] (default: SnapKV
-    scores with the last keys standing in for the observation-window queries).
+    scores with the last keys standing in for the observation-window queries). hidden_size
+    (optional, the seed's first argument): the per-token width K/V must have (heads kept as given).
     """
 
     name = "pyramid"
@@ -113,6 +114,7 @@ class PyramidCompressor(KVCompressor):
                  obs_window: int = 64, kernel: int = 5, n_sink: int = 4):
         super().__init__()
         check_pyramid(compression_ratio, num_levels, decay_factor, min_ratio)
+        self.hidden_size = check_hidden_size(hidden_size)
         if num_layers is not None and num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.compression_ratio, self.num_levels, self.decay_factor = float(compression_ratio), num_levels, decay_factor

@@ -11,7 +11,7 @@ from flax import struct
 
 from pikv_jax.attention import reference
 from pikv_jax.cache.state import static_field
-from pikv_jax.compress.base import CompressedKV, KVCompressor
+from pikv_jax.compress.base import CACHE_LAYOUT, CompressedKV, KVCompressor, Layout, check_hidden_size
 from pikv_jax.compress.kivi import QuantizedPolicy
 from pikv_jax.intmath import round_up
 from pikv_jax.kernels import quant
@@ -22,7 +22,8 @@ class QuantizedKV(CompressedKV):
     """The oldest Sq tokens quantized (Sq a multiple of G), the newest S - Sq in full precision.
 
     kq, vq: u8[B, Hkv, Sq, D*bits/8]; k_scale, k_min: [B, Hkv, Sq/G, D]; v_scale, v_min:
-    [B, Hkv, Sq, D/G]; k_res, v_res: [B, Hkv, S - Sq, D]."""
+    [B, Hkv, Sq, D/G]; k_res, v_res: [B, Hkv, S - Sq, D] (the input dtype); layout: the caller's
+    (unpacking yields the dequantized tokens followed by the residual ones)."""
 
     kq: jax.Array
     k_scale: jax.Array
@@ -34,6 +35,7 @@ class QuantizedKV(CompressedKV):
     v_res: jax.Array
     bits: int = static_field(default=4)
     group_size: int = static_field(default=32)
+    layout: Layout = static_field(default=CACHE_LAYOUT)
 
     def decompress(self):
         k = quant.dequantize_keys(self.kq, self.k_scale, self.k_min, self.bits, self.group_size)
@@ -52,12 +54,16 @@ class QuantizedCompressor(KVCompressor):
     """KIVI asymmetric min-max quantization: keys per channel over groups of `group_size` tokens,
     values per token over groups of `group_size` channels, `bits` in {2, 4, 8} packed, the newest
     `residual_length` tokens (a multiple of group_size) kept in full precision. scale_dtype:
-    storage of scales/minimums (float16 as in KIVI)."""
+    storage of scales/minimums (float16 as in KIVI). hidden_size (optional, seed-style): the
+    per-token width K/V must have (any layout of pikv_jax/compress/base.py, heads kept as given;
+    group_size must divide the head width)."""
 
     name = "quantized"
 
-    def __init__(self, bits: int = 8, group_size: int = 32, residual_length: int = 128, scale_dtype=jnp.float16):
+    def __init__(self, bits: int = 8, group_size: int = 32, residual_length: int = 128, scale_dtype=jnp.float16, *,
+                 hidden_size: int | None = None):
         super().__init__()
+        self.hidden_size = check_hidden_size(hidden_size)
         # QuantizedPolicy validates bits, group_size and residual_length with clear messages
         self._policy = QuantizedPolicy(bits=bits, group_size=group_size, residual_length=residual_length,
                                        scale_dtype=scale_dtype)

@@ -28,7 +28,7 @@ from pikv_jax.attention import reference
 from pikv_jax.cache import ops
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.state import LayerCache, static_field
-from pikv_jax.compress.base import CompressedKV
+from pikv_jax.compress.base import CACHE_LAYOUT, CompressedKV, Layout
 from pikv_jax.compress.wrapper import DecodeByInner, check_inner, decode_owner
 
 
@@ -126,12 +126,14 @@ def mask_to_indices(keep, budget: int):
 @struct.dataclass
 class SelectedKV(CompressedKV):
     """k, v: [B, Hkv, K, D] kept tokens; pos: i32[B, Hkv, K] their positions (-1 = unused slot);
-    length: tokens of the original sequence."""
+    length: tokens of the original sequence; layout: the caller's (unpacking yields every position,
+    dropped tokens zero)."""
 
     k: jax.Array
     v: jax.Array
     pos: jax.Array
     length: int = static_field(default=0)
+    layout: Layout = static_field(default=CACHE_LAYOUT)
 
     def decompress(self):
         b, hk, _, d = self.k.shape

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.cache.policies.base import CachePolicy
-from pikv_jax.compress.base import KVCompressor
+from pikv_jax.compress.base import KVCompressor, check_hidden_size
 from pikv_jax.compress.lowrank import LowRankBases, LowRankKV, LowRankPolicy, check_rank, encode
 
 
@@ -95,6 +95,9 @@ class SVDCompressor(KVCompressor):
     of the codes (default: the cache / input dtype). `calibrate(model)` fits one basis per layer and
     head from the model's post-RoPE keys and values on calibration text; a standalone call on an
     uncalibrated compressor fits the basis on the given data (and stores it with the codes).
+    hidden_size (optional): the per-token width K/V must have; an uncalibrated SVD built with it
+    compresses each token's concatenated heads (rank <= hidden_size), a calibrated one stores its
+    bases' KV heads (standalone calls regroup keys into them, see pikv_jax/compress/base.py).
     """
 
     name = "svd"
@@ -102,6 +105,7 @@ class SVDCompressor(KVCompressor):
     def __init__(self, rank: int | None = None, energy_threshold: float | None = None, *,
                  hidden_size: int | None = None, per_layer_rank: bool = False, code_dtype=None):
         super().__init__()
+        self.hidden_size = check_hidden_size(hidden_size)
         if rank is not None and energy_threshold is not None:
             raise ValueError("give either rank or energy_threshold, not both")
         if rank is not None:
@@ -130,6 +134,11 @@ class SVDCompressor(KVCompressor):
     @property
     def calibrated(self) -> bool:
         return self.bases is not None
+
+    def stored_layout(self, importance=None):
+        if self.bases is not None:
+            return self.bases.num_kv_heads, self.bases.head_dim
+        return None if self.hidden_size is None else (1, self.hidden_size)
 
     def compress(self, keys, values, importance=None, *, layer: int | None = None) -> LowRankKV:
         """Codes of keys/values [B, Hkv, S, D] in the calibrated basis of `layer` (when calibrated

@@ -42,7 +42,8 @@ def test_standalone_choice_follows_importance_and_stats_count_methods():
     s = c.get_compression_stats()
     assert s["method_usage"] == {GENTLE: 2, AGGRESSIVE: 1}
     assert s["stored_bytes"] == hi.nbytes() + lo.nbytes() + none.nbytes()
-    assert s["compression_ratio"] == pytest.approx(3 * 2 * 2 * x.size / s["stored_bytes"])
+    assert s["compression_ratio_vs_bf16"] == pytest.approx(3 * 2 * 2 * x.size / s["stored_bytes"])
+    assert s["compression_ratio"] == pytest.approx(3 * 2 * 4 * x.size / s["stored_bytes"])  # float32 input
 
 
 def test_seed_default_methods_on_the_seed_layout():
