@@ -17,8 +17,12 @@ kernel here, the ring through the ordinary decode kernel, merged by log-sum-exp,
 all Cq + R slots in pos order. Dequantized keys and values are formed in the query's dtype (bf16
 on the GPU: the dot runs on tensor cores) from f32 codes * scale + min.
 
+The ring may be stored in another dtype than the query's (bfloat16 under a float32 model): the
+kernel path casts its R slots to the query's dtype, the reference computes in float32.
+
 Bytes per slot, int4, D = 128, G = 32, f16 scales: codes 2 * 64, value scales 2 * 4 * 2, key
-scales 2 * 128 * 2 / 32, pos 4: 164 bytes against 516 for bf16 (3.1x fewer); int8: 292.
+scales 2 * 128 * 2 / 32: 160 bytes against 512 for bf16 (3.2x fewer); int8: 288; positions, when
+stored, add 4 (pikv_jax/cache/quantized.py has the whole count).
 
 Backends:
 - "triton": unpacks in registers (shift / mask, then join + reshape to interleave the nibbles),
@@ -305,7 +309,8 @@ def unsupported_reason(q, kq, k_res, v_res, pos, *, bits: int, group_size: int, 
             return "float16 queries are not supported on TPU"
         if cq > TPU_BLOCK and (TPU_BLOCK % group_size or (TPU_BLOCK // group_size) % 16):
             return f"group_size {group_size}: TPU blocks of {TPU_BLOCK} tokens need a power-of-two group_size <= 32"
-    return da.unsupported_reason(q, k_res, v_res, pos[:, :, cq:], backend)
+    ring = jax.ShapeDtypeStruct(k_res.shape, q.dtype)  # the ring is cast to the query's dtype
+    return da.unsupported_reason(q, ring, jax.ShapeDtypeStruct(v_res.shape, q.dtype), pos[:, :, cq:], backend)
 
 
 def quantized_decode_attention(
@@ -340,7 +345,7 @@ def quantized_decode_attention(
         else:
             parts.append(_tpu_partials(q, codes, pos, qpos, limit, **layout))
     ring = k_res.shape[2]
-    parts.append(da.decode_partials(q, k_res, v_res, pos[:, :, cq:], qpos, sliding_window=sliding_window,
-                                    backend=backend, interpret=interpret, limit=jnp.full((b, hk), ring, jnp.int32),
-                                    num_splits=1))
+    parts.append(da.decode_partials(q, k_res.astype(q.dtype), v_res.astype(q.dtype), pos[:, :, cq:], qpos,
+                                    sliding_window=sliding_window, backend=backend, interpret=interpret,
+                                    limit=jnp.full((b, hk), ring, jnp.int32), num_splits=1))
     return common.finish(parts, group=h // hk, group_reduce=group_reduce, out_dtype=q.dtype)

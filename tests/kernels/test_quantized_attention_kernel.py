@@ -1,6 +1,7 @@
 """KIVI decode attention with fused dequantization (Triton and Mosaic TPU, interpreted) against
 the dequantize-then-attend reference: int8 / int4 / int2, float32 and bfloat16 queries, ragged
-quantized regions, partly filled rings, GQA, windows, a cache whose capacity fits in the ring."""
+quantized regions, partly filled rings, GQA, windows, a cache whose capacity fits in the ring, a
+bfloat16 ring under float32 queries."""
 
 from __future__ import annotations
 
@@ -64,3 +65,20 @@ def test_unsupported_raise():
     with pytest.raises(KernelUnsupported, match="powers of two"):
         qa.quantized_decode_attention(_q(1, 1, 4, 48, jnp.float32), *arrays, jnp.array([5]), backend="triton",
                                       **layout)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic_tpu"])
+def test_bfloat16_ring_under_float32_queries(backend):
+    """The policy's default ring dtype (bfloat16) under a float32 model: the kernel casts the ring
+    to the query's dtype, the reference computes in float32; they agree like an all-f32 cache."""
+    cache = quantized_cache(11, 2, 2, 200, 64, jnp.float32, bits=4, group=32, ring=64)
+    cache = cache.replace(k_res=cache.k_res.astype(jnp.bfloat16), v_res=cache.v_res.astype(jnp.bfloat16))
+    q = _q(12, 2, 4, 64, jnp.float32)
+    q_pos = jnp.asarray([cache.quantized_slots + 100, cache.quantized_slots // 2], jnp.int32)
+    arrays, layout = quantized_arrays(cache)
+    out, mass = jitted(qa.quantized_decode_attention, backend=backend, **layout)(q, *arrays, q_pos)
+    ref_out, ref_mass = jitted(qa.reference, **layout)(q, *arrays, q_pos)
+    out_tol, mass_tol = QUANT_TOL["float32"]
+    assert out.dtype == jnp.float32
+    assert_close(out, ref_out, out_tol, "out")
+    assert_close(mass, ref_mass, mass_tol, "mass")
