@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from typing import Callable, Sequence
@@ -21,18 +22,34 @@ from flax import nnx
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
-from pikv_jax.runtime import capture
-from pikv_jax.runtime.generate import FINISH_REASONS, GenerationLoop, pad_prompts
 from pikv_jax.models.llama import CausalLM
-from pikv_jax.models.tokenizer import Tokenizer
-from pikv_jax.sampling import SamplingConfig
 from pikv_jax.models.registry import load_pretrained
+from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.models.weights import random_model
-from pikv_jax.runtime import forward
+from pikv_jax.runtime import capture, forward
+from pikv_jax.runtime.generate import FINISH_REASONS, GenerationLoop, pad_prompts
+from pikv_jax.sampling import SamplingConfig
 
 log = logging.getLogger("pikv_jax")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PROMPT_BUCKET = 64  # smallest padded prompt width
+SUFFIX_BUCKET = 8  # smallest padded width of suffixes and teacher-forced continuations
+
+
+def bucket_length(n: int, minimum: int = PROMPT_BUCKET) -> int:
+    """Smallest width >= n among minimum * 2^k and minimum * 3 * 2^k (64, 128, 192, 256, 384, 512,
+    768, ...): two programs per octave, at most 50% padding, and the multiples of 64 up to 256
+    unchanged. Rows are ragged (per-row lengths), so padding changes shapes, not results."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        if size >= 2 * minimum and n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
 
 
 def parse_dtype(dtype) -> jnp.dtype:
@@ -118,7 +135,7 @@ class PiKVModel:
         policy = self.policy if policy is None else policy
         ids = self._prompt_ids(prompts, chat=chat, system=system)
         pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
-        tokens, lengths = pad_prompts(ids, pad_id=pad)
+        tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=self._prompt_width(ids))
         longest = int(lengths.max())
         if max_cache_tokens is not None and longest > max_cache_tokens:
             raise ValueError(f"prompt of {longest} tokens is longer than the cache capacity "
@@ -137,11 +154,14 @@ class PiKVModel:
         loop = GenerationLoop(graphdef=self.graphdef, policy=policy, sampling=sampling,
                               max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids) if stop_ids is not None
                               else self.stop_ids(), callback=callback)
-        cache = init_policy_cache(policy, len(ids), caps, num_kv_heads=self.config.num_key_value_heads,
-                                  head_dim=self.config.dim_per_head, dtype=self.cache_dtype)
+        make_cache = functools.partial(init_policy_cache, policy, len(ids), caps, dtype=self.cache_dtype,
+                                       num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.dim_per_head)
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         key = jax.random.key(seed)
-        prefill_fn, decode_fn, compile_s = self._compile(loop, tokens, lengths, cache, key, suffix, suffix_lengths)
+        cache = jax.eval_shape(make_cache)
+        (prefill_fn, decode_fn, init_fn, resident_fn), compile_s = self._program(
+            loop, tokens, lengths, cache, key, suffix, suffix_lengths, make_cache=make_cache)
+        cache = init_fn()
 
         t0 = time.perf_counter()
         state = prefill_fn(self.params, tokens, lengths, cache, key, suffix, suffix_lengths)
@@ -150,7 +170,7 @@ class PiKVModel:
         state = decode_fn(self.params, state)
         jax.block_until_ready(state)
         t2 = time.perf_counter()
-        return self._finish(state, ids, t1 - t0, t2 - t1, compile_s, policy)
+        return self._finish(state, ids, t1 - t0, t2 - t1, compile_s, policy, resident=resident_fn(state.cache))
 
     def _prompt_ids(self, prompts, *, chat, system) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -172,35 +192,55 @@ class PiKVModel:
                 out.append(p)
         return out
 
+    def _prompt_width(self, ids: list[list[int]]) -> int:
+        """Padded prompt width: `bucket_length` of the longest prompt, capped at the model's context
+        (rounded up to a multiple of 64) so a bucket never pads far past what the model can read."""
+        longest = max(len(p) for p in ids)
+        cap = -(-max(longest, self.config.max_position_embeddings) // PROMPT_BUCKET) * PROMPT_BUCKET
+        return min(bucket_length(longest), cap)
+
     def _suffix_ids(self, suffixes, batch: int):
         if suffixes is None:
             return None, None
         if len(suffixes) != batch:
             raise ValueError(f"suffixes has {len(suffixes)} entries, expected one per prompt ({batch})")
         ids = [self.encode(x) if isinstance(x, str) else [int(t) for t in x] for x in suffixes]
-        width = max(1, max(len(x) for x in ids))
+        width = bucket_length(max(1, max(len(x) for x in ids)), SUFFIX_BUCKET)
         out = np.zeros((batch, width), np.int32)
         for i, x in enumerate(ids):
             out[i, : len(x)] = x
         return jnp.asarray(out), jnp.asarray([len(x) for x in ids], jnp.int32)
 
     def _compile(self, loop: GenerationLoop, tokens, lengths, cache, key, suffix=None, suffix_lengths=None):
-        """AOT-compiles prefill and decode once per (loop, shapes); returns their executables."""
+        """AOT-compiles prefill and decode once per (loop, shapes); returns their executables and the
+        compile seconds (0.0 when they were already compiled)."""
+        (prefill, decode, _, _), compile_s = self._program(loop, tokens, lengths, cache, key, suffix, suffix_lengths)
+        return prefill, decode, compile_s
+
+    def _program(self, loop: GenerationLoop, tokens, lengths, cache, key, suffix=None, suffix_lengths=None, *,
+                 make_cache: Callable | None = None):
+        """-> ((prefill, decode, init_cache, resident), compile_s): the executables of one program,
+        compiled once per (loop, shapes) and kept in the LRU. `cache` may be abstract (eval_shape).
+        init_cache() -> a fresh empty cache; resident(cache) -> i32[L, B, Hkv] resident tokens.
+        Compiling these two as well keeps eager ops on per-shape arrays (which jax would cache
+        forever) out of `generate`."""
         sig = (loop, tokens.shape, tuple(cache.capacities()), cache.batch,
                None if suffix is None else suffix.shape)
         if sig in self._compiled:
             self._compiled.move_to_end(sig)
-            return (*self._compiled[sig], 0.0)
+            entry = self._compiled[sig]
+            if make_cache is None or entry[2] is not None:
+                return entry, 0.0
         t0 = time.perf_counter()
-        args = (self.params, tokens, lengths, cache, key, suffix, suffix_lengths)
-        prefill = GenerationLoop.prefill.lower(loop, *args).compile()
-        state_shape = jax.eval_shape(lambda *a: GenerationLoop.prefill(loop, *a), *args)
-        decode = GenerationLoop.decode.lower(loop, self.params, state_shape).compile()
+        entry = compile_generation(loop, self.params, tokens, lengths, cache, key, suffix, suffix_lengths,
+                                   make_cache=make_cache)
         compile_s = time.perf_counter() - t0
-        self._remember(sig, (prefill, decode))
-        return prefill, decode, compile_s
+        self._remember(sig, entry)
+        return entry, compile_s
 
-    MAX_COMPILED = 32  # programs kept per model; each holds JIT-compiled code (memory maps) until dropped
+    # Programs kept per model. Each holds its JIT-compiled code until dropped (SmolLM2 on CPU: ~1,300
+    # memory maps and ~140 MB per program; vm.max_map_count is 65,530 by default).
+    MAX_COMPILED = 16
 
     def _remember(self, key, value) -> None:
         """Keeps the `MAX_COMPILED` most recently used compiled programs, so a long-lived model that
@@ -210,7 +250,7 @@ class PiKVModel:
         while len(self._compiled) > self.MAX_COMPILED:
             self._compiled.popitem(last=False)
 
-    def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy) -> GenerationOutput:
+    def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy, *, resident=None) -> GenerationOutput:
         n = np.asarray(state.num_generated)
         toks = np.asarray(state.tokens)
         finish = np.asarray(state.finish)
@@ -219,7 +259,7 @@ class PiKVModel:
         cache = state.cache
         cfg = self.config
         lengths = np.asarray(cache.length)
-        resident = cache.resident_tokens()  # [L, B, Hkv]
+        resident = cache.resident_tokens() if resident is None else np.asarray(resident)  # [L, B, Hkv]
         slots = sum(layer.slots_per_row for layer in cache.layers) * len(ids)
         decode_steps = int(state.step)
         stats = dict(
@@ -243,7 +283,8 @@ class PiKVModel:
             cache_fill=float(resident.sum() / slots),
         )
         self._stats = stats
-        return GenerationOutput(texts=texts, token_ids=token_ids, finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
+        return GenerationOutput(texts=texts, token_ids=token_ids,
+                                finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
                                 prompt_lengths=[len(p) for p in ids], stats=stats)
 
     def teacher_forced(self, prompts, continuations, *, policy: CachePolicy | None = None,
@@ -262,8 +303,9 @@ class PiKVModel:
             raise ValueError(f"continuations has {len(conts)} entries, expected one per prompt ({len(ids)})")
         if any(len(c) == 0 for c in conts):
             raise ValueError("every continuation needs at least one token")
-        tokens, lengths = pad_prompts(ids)
-        width = max(len(c) for c in conts)
+        tokens, lengths = pad_prompts(ids, multiple=self._prompt_width(ids))
+        longest_cont = max(len(c) for c in conts)
+        width = bucket_length(longest_cont, SUFFIX_BUCKET)  # bounded shapes; padded steps are inactive
         # feed: last prompt token's successor is cont[0]; the fed sequence is cont[:-1] scored against cont[1:],
         # and cont[0] is scored from the prompt's own logits.
         fed = np.zeros((len(ids), width), np.int32)
@@ -277,7 +319,7 @@ class PiKVModel:
         fn = self._teacher_forced_fn(policy, full_logprobs)
         out = fn(self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache, jnp.asarray(fed),
                  jnp.asarray(tgt), jnp.asarray([len(c) for c in conts], jnp.int32))
-        return np.asarray(out), np.array([len(c) for c in conts], np.int32)
+        return np.asarray(out)[:, :longest_cont], np.array([len(c) for c in conts], np.int32)
 
     def capture_qkv(self, prompts=None, *, max_tokens: int = 512):
         """Every layer's post-RoPE queries, keys and values of a prefill over `prompts` (token id
@@ -309,3 +351,36 @@ class PiKVModel:
     def get_stats(self) -> dict:
         """Measured numbers of the last `generate` call (empty before the first)."""
         return dict(self._stats)
+
+
+def compile_generation(loop: GenerationLoop, params, tokens, lengths, cache, key, suffix=None, suffix_lengths=None,
+                       *, make_cache: Callable | None = None):
+    """AOT-compiles `loop`'s prefill and decode for these shapes (`cache` concrete or abstract) ->
+    (prefill, decode, init_cache, resident) executables; the last two, compiled only with
+    `make_cache` (a function of no arguments returning the empty cache), are None without it.
+
+    Each program is jitted from a fresh function object that closes over `loop`, so none of jax's
+    caches keyed on the function (traced jaxprs, lowered modules, `_cached_compilation`'s
+    executables) outlives the returned executables: dropping them releases the compiled code and
+    its memory maps. Jitting `GenerationLoop.prefill` itself would key those caches on the class's
+    function, which lives forever, so every program ever compiled would stay resident.
+    """
+    prefill_impl = GenerationLoop.prefill.__wrapped__
+    decode_impl = GenerationLoop.decode.__wrapped__
+
+    def prefill(params, tokens, lengths, cache, key, suffix, suffix_lengths):
+        return prefill_impl(loop, params, tokens, lengths, cache, key, suffix, suffix_lengths)
+
+    def decode(params, state):
+        return decode_impl(loop, params, state)
+
+    def resident(cache):
+        return jnp.stack([layer.resident_per_head() for layer in cache.layers])
+
+    lowered = jax.jit(prefill, donate_argnums=3).lower(params, tokens, lengths, cache, key, suffix, suffix_lengths)
+    decode_exe = jax.jit(decode, donate_argnums=1).lower(params, lowered.out_info).compile()
+    init_exe = resident_exe = None
+    if make_cache is not None:
+        init_exe = jax.jit(lambda: make_cache()).lower().compile()
+        resident_exe = jax.jit(resident).lower(lowered.out_info.cache).compile()
+    return lowered.compile(), decode_exe, init_exe, resident_exe

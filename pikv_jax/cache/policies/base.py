@@ -16,6 +16,14 @@ decode    `decode_slot(layer, cache, q_pos)`: name the slot for the new token pe
 Budgets: `budget_ratio` keeps ceil(ratio * L_b) prompt tokens of a row with L_b prompt tokens,
 `budget_tokens` keeps min(N, L_b); neither = keep everything. Protected tokens: the first `n_sink`
 positions and the `window` most recent positions of each row are never evicted.
+
+Short prompts under a ratio budget are kept whole: a row whose ratio budget would not exceed
+n_sink + window (nothing left to choose) keeps all its tokens, so a policy set once for every
+request (e.g. on `PiKVModel`) leaves one-sentence prompts alone instead of raising. A row is
+short when L_b <= `whole_prompt_len` = floor((n_sink + window) / ratio). When every row of the
+(padded) prompt is short the layer keeps the whole prompt; otherwise the static budget stays
+ceil(ratio * S) and a short row keeps min(L_b, ceil(ratio * S)) tokens, so capacities, and the
+results of the long rows, are those of the ratio alone.
 """
 
 from __future__ import annotations
@@ -132,25 +140,34 @@ class CachePolicy:
         if self.budget_tokens is not None:
             k = self.budget_tokens
         elif self.budget_ratio is not None:
-            k = math.ceil(self.budget_ratio * prompt_len)
+            # every row is short: each keeps its whole prompt (module docstring)
+            k = prompt_len if prompt_len <= self.whole_prompt_len else math.ceil(self.budget_ratio * prompt_len)
         else:
             return prompt_len
-        if self.budget_ratio is not None and k <= self.n_sink + self.window and prompt_len > self.n_sink + self.window:
-            raise ValueError(f"budget_ratio={self.budget_ratio} keeps {k} tokens of a {prompt_len}-token prompt, "
-                             f"not more than n_sink + window = {self.n_sink + self.window}")
         return min(k, prompt_len)
 
+    @property
+    def whole_prompt_len(self) -> int:
+        """Longest row a ratio budget keeps whole: its ratio budget would not exceed n_sink + window,
+        so there is nothing to choose (0 without a ratio budget)."""
+        if self.budget_ratio is None:
+            return 0
+        return math.floor((self.n_sink + self.window) / self.budget_ratio + 1e-6)
+
     def keeps_whole_prompt(self, prompt_len: int) -> bool:
-        """True when every row keeps all its prompt tokens (no budget, ratio 1, or tokens >= S)."""
+        """True when every row keeps all its prompt tokens (no budget, ratio 1, tokens >= S, or a
+        ratio budget on prompts too short to compress)."""
         return (not self.has_budget or self.budget_ratio == 1.0
-                or (self.budget_tokens is not None and self.budget_tokens >= prompt_len))
+                or (self.budget_tokens is not None and self.budget_tokens >= prompt_len)
+                or (self.budget_ratio is not None and prompt_len <= self.whole_prompt_len))
 
     def base_row_budget(self, lengths):
         """i32[B]: tokens each row would keep from its own prompt length, before any cap."""
         if self.budget_tokens is not None:
             return jnp.full_like(lengths, self.budget_tokens)
         if self.budget_ratio is not None:
-            return jnp.ceil(lengths.astype(jnp.float32) * self.budget_ratio - 1e-6).astype(jnp.int32)
+            kept = jnp.ceil(lengths.astype(jnp.float32) * self.budget_ratio - 1e-6).astype(jnp.int32)
+            return jnp.where(lengths <= self.whole_prompt_len, lengths, kept)
         return lengths
 
     def row_budget(self, layer: int, lengths, prompt_len: int):
