@@ -111,12 +111,12 @@ class SlotCacheBase:
         """Bytes of every array the layout allocates (values or codes, scales, positions, scores, state)."""
         return tree_nbytes(self)
 
-    def head_positions(self) -> jax.Array:
+    def head_positions(self) -> jax.Array | np.ndarray:
         """i32[B, Hkv, C]: resident positions per KV head (-1 = none); the layout-independent view
-        that statistics and invariant tests use."""
+        that statistics and invariant tests use (a NumPy array for a cache moved to the host)."""
         return self.pos
 
-    def resident_per_head(self) -> jax.Array:
+    def resident_per_head(self) -> jax.Array | np.ndarray:
         """i32[B, Hkv]: tokens resident per row and KV head."""
         return jnp.sum(self.head_positions() >= 0, axis=-1)
 
