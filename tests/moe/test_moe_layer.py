@@ -185,8 +185,10 @@ def test_distillation_loss_is_mse_to_projected_teacher():
     expected = np.mean((np.asarray(y).reshape(-1, H) - target) ** 2)
     assert float(aux.stats["distill_loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(aux.loss) == pytest.approx(float(aux.stats["router_aux_loss"]) + expected, rel=1e-5)
+    # the guide's default teacher width is 2 * hidden_size; a non-positive width is refused
+    assert PiKVMoE(H, E, K, use_distillation=True).teacher_proj.kernel.shape == (2 * H, H)
     with pytest.raises(ValueError, match="teacher_hidden_size"):
-        PiKVMoE(H, E, K, use_distillation=True)
+        PiKVMoE(H, E, K, use_distillation=True, teacher_hidden_size=0)
     with pytest.raises(ValueError, match="use_distillation=False"):
         layer().forward(x, teacher_hidden=teacher)
 
