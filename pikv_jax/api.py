@@ -22,6 +22,7 @@ from flax import nnx
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
+from pikv_jax.intmath import round_up
 from pikv_jax.models.llama import CausalLM
 from pikv_jax.models.registry import load_pretrained
 from pikv_jax.models.tokenizer import Tokenizer
@@ -196,7 +197,7 @@ class PiKVModel:
         """Padded prompt width: `bucket_length` of the longest prompt, capped at the model's context
         (rounded up to a multiple of 64) so a bucket never pads far past what the model can read."""
         longest = max(len(p) for p in ids)
-        cap = -(-max(longest, self.config.max_position_embeddings) // PROMPT_BUCKET) * PROMPT_BUCKET
+        cap = round_up(max(longest, self.config.max_position_embeddings), PROMPT_BUCKET)
         return min(bucket_length(longest), cap)
 
     def _suffix_ids(self, suffixes, batch: int):

@@ -85,10 +85,6 @@ class QuantizedLayerCache(PerHeadSlotCache):
         return self.quantized_slots + self.residual_slots
 
     @property
-    def slots_per_row(self) -> int:
-        return self.num_kv_heads * self.capacity
-
-    @property
     def has_scores(self) -> bool:
         return self.score.shape[2] == self.capacity
 

@@ -128,6 +128,11 @@ class PerHeadSlotCache(SlotCacheBase):
     def num_kv_heads(self) -> int:
         return self.pos.shape[1]
 
+    @property
+    def slots_per_row(self) -> int:
+        """Token slots allocated per row: C per KV head."""
+        return self.num_kv_heads * self.capacity
+
 
 @pytree_dataclass
 class LayerCache(PerHeadSlotCache):

@@ -56,7 +56,8 @@ class DecodeProgram:
         cfg = model.config
         self.model, self.policy, self.clock = model, policy, clock
         pad = model.tokenizer.eos_token_id if model.tokenizer and model.tokenizer.eos_token_id is not None else 0
-        tokens, lengths = pad_prompts([list(p) for p in prompts], pad_id=pad)
+        ids = [list(p) for p in prompts]
+        tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=model._prompt_width(ids))  # generate's width
         self.tokens, self.lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         self.prompt_tokens = int(lengths.sum())
         # equal to the loop `generate` builds, so `model._compile` returns the executables it compiled
@@ -65,7 +66,7 @@ class DecodeProgram:
                                    max_new_tokens=new_tokens, stop_ids=())
         self.caps = tuple(policy.capacity_for(i, tokens.shape[1], new_tokens) for i in range(cfg.num_hidden_layers))
         self.key = jax.random.key(0)
-        self.ids = [list(p) for p in prompts]
+        self.ids = ids
         self.prefill_fn, self.decode_fn, self.compile_s = model._compile(self.loop, self.tokens, self.lengths,
                                                                          self._fresh_cache(), self.key)
         cache = jax.block_until_ready(self._fresh_cache())
