@@ -2,7 +2,7 @@
 
 Spec grammar (case-insensitive; components joined by "+"):
 
-    int8 | int4 | int2 [:G[:R]]       KIVI quantization, group size G (32), residual length R (128)
+    int8 | int4 | int2 [:G[:R]]       KIVI quantization, group size G (32; 64 for int8), residual length R (64)
     svd[:R | :E]                       SVD codes of rank R (integer) or energy threshold E in (0, 1]
                                        (float, default 0.9); calibrated on the model
     lora[:R]                           LoRA codes of rank R (16), initialised from the SVD basis

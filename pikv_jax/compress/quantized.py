@@ -53,21 +53,22 @@ class QuantizedKV(CompressedKV):
 class QuantizedCompressor(KVCompressor):
     """KIVI asymmetric min-max quantization: keys per channel over groups of `group_size` tokens,
     values per token over groups of `group_size` channels, `bits` in {2, 4, 8} packed, the newest
-    `residual_length` tokens (a multiple of group_size) kept in full precision. scale_dtype:
+    `residual_length` tokens (a multiple of group_size) kept in full precision; defaults as
+    QuantizedPolicy's (G = 32, or 64 at 8 bits; R = 64). scale_dtype:
     storage of scales/minimums (float16 as in KIVI). hidden_size (optional, seed-style): the
     per-token width K/V must have (any layout of pikv_jax/compress/base.py, heads kept as given;
     group_size must divide the head width)."""
 
     name = "quantized"
 
-    def __init__(self, bits: int = 8, group_size: int = 32, residual_length: int = 128, scale_dtype=jnp.float16, *,
-                 hidden_size: int | None = None):
+    def __init__(self, bits: int = 8, group_size: int | None = None, residual_length: int = 64,
+                 scale_dtype=jnp.float16, *, hidden_size: int | None = None):
         super().__init__()
         self.hidden_size = check_hidden_size(hidden_size)
         # QuantizedPolicy validates bits, group_size and residual_length with clear messages
         self._policy = QuantizedPolicy(bits=bits, group_size=group_size, residual_length=residual_length,
                                        scale_dtype=scale_dtype)
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size = bits, self._policy.group_size
         self.residual_length, self.scale_dtype = residual_length, scale_dtype
         self.name = f"int{bits}"
 

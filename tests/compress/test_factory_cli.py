@@ -52,7 +52,7 @@ def test_create_compressor_by_name():
 
 def test_spec_grammar():
     c = parse_compress_spec("int8")
-    assert isinstance(c, QuantizedCompressor) and (c.bits, c.group_size, c.residual_length) == (8, 32, 128)
+    assert isinstance(c, QuantizedCompressor) and (c.bits, c.group_size, c.residual_length) == (8, 64, 64)
     c = parse_compress_spec("int4:16:64")
     assert (c.bits, c.group_size, c.residual_length) == (4, 16, 64)
     assert parse_compress_spec("svd:32").rank == 32

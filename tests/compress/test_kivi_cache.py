@@ -156,10 +156,10 @@ def test_cache_bytes_are_what_is_allocated():
                                    H2O(budget_tokens=20), CachePolicy()], ids=lambda p: p.label)
 def test_generate_with_a_budget_below_the_ring(inner):
     """The seed guide's flow: QuantizedCompressor(bits=4).as_policy(h2o at 50%) on a short prompt
-    (G = 8 for the tiny model's head_dim of 16): the cache, well under residual_length=128, is a
+    (G = 8 for the tiny model's head_dim of 16): the cache, well under the default residual_length=64, is a
     ring of full-precision slots and generation runs to max_new_tokens."""
     model = tiny_model()
-    policy = QuantizedCompressor(bits=4, group_size=G).as_policy(inner)  # residual_length=128
+    policy = QuantizedCompressor(bits=4, group_size=G).as_policy(inner)  # residual_length=64
     prompts = random_prompts((23, 9), seed=5)
     out = model.generate(prompts, max_new_tokens=24, policy=policy, stop_ids=())
     assert out.finish_reasons == ["max_tokens", "max_tokens"]
