@@ -6,6 +6,8 @@ Grammar (whitespace ignored, case-insensitive names):
     component := name ["(" key=value, ... ")"] ["@" budget]
     budget    := ratio in (0, 1] ("0.25") | percent ("25%") | tokens ("256t")
 
+A bare first option names the scorer a combinator wraps: "adakv(expected_attention)@0.25".
+
 Examples: "full", "h2o@0.25", "snapkv@50%", "streaming_llm@256t", "h2o(recent_ratio=0.3)@0.25",
 "snapkv+h2o@0.25" (Composite: SnapKV selects at prefill, H2O evicts at decode, one shared budget).
 
@@ -140,11 +142,20 @@ def parse_budget(text: str) -> Budget:
     return Budget(ratio=r)
 
 
-def _parse_options(text: str | None, spec: str) -> dict[str, Any]:
+def _takes_scorer(builder: MethodBuilder) -> bool:
+    """The builder makes a policy that wraps a scorer (AdaKV): a bare first option names it."""
+    return builder.role == "policy" and builder.name in POLICIES and "scorer" in {
+        f.name for f in dataclasses.fields(POLICIES[builder.name])}
+
+
+def _parse_options(text: str | None, spec: str, *, takes_scorer: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not text or not text.strip():
         return out
-    for item in text.split(","):
+    for i, item in enumerate(text.split(",")):
+        if "=" not in item and i == 0 and takes_scorer:
+            out["scorer"] = item.strip().lower()  # adakv(expected_attention): the scorer it wraps
+            continue
         if "=" not in item:
             raise ValueError(f"option {item.strip()!r} in {spec!r} must look like key=value")
         k, v = (s.strip() for s in item.split("=", 1))
@@ -185,7 +196,7 @@ def _parse_parts(spec: str):
         budget = parse_budget(m["budget"]) if m["budget"] else None
         if budget is not None and not builder.takes_budget:
             raise ValueError(f"method {builder.name!r} takes no budget (got {comp!r})")
-        parts.append((builder, _parse_options(m["opts"], spec), budget))
+        parts.append((builder, _parse_options(m["opts"], spec, takes_scorer=_takes_scorer(builder)), budget))
     budgets = {b for _, _, b in parts if b is not None}
     if len(budgets) > 1:
         raise ValueError(f"{spec!r} gives different budgets {sorted(b.label for b in budgets)}; give one")
@@ -232,7 +243,9 @@ def parse_method(spec: str, *, num_layers: int | None = None, context_len: int |
 def _component_label(builder: MethodBuilder, options: dict) -> str:
     if not options:
         return builder.name
-    return f"{builder.name}(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")"
+    items = [str(options["scorer"])] if "scorer" in options else []
+    items += [f"{k}={v}" for k, v in sorted(options.items()) if k != "scorer"]
+    return f"{builder.name}(" + ",".join(items) + ")"
 
 
 def parse_methods(specs, *, num_layers: int | None = None, context_len: int | None = None,

@@ -74,7 +74,7 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
                                                  causal_prefix=True)
         raw = policy.stores_raw_keys
         ctx = PrefillContext(q=q, k=k, v=v, pos=pos, lengths=lengths, key_mass=key_mass, shared=shared,
-                             q_raw=q_raw if raw else None, k_raw=k_raw if raw else None)
+                             q_raw=q_raw, k_raw=k_raw if raw else None, inv_freq=inv_freq)
         new_layers.append(policy.prefill(i, layer_cache, ctx))
         x = _mlp_block(layer, x + layer.self_attn.out(out))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]

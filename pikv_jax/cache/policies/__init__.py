@@ -9,6 +9,7 @@ from pikv_jax.cache.policies.adakv import AdaKV
 from pikv_jax.cache.policies.base import CachePolicy, FullCache, PrefillContext, init_policy_cache
 from pikv_jax.cache.policies.composite import Composite
 from pikv_jax.cache.policies.duo_attention import DuoAttention
+from pikv_jax.cache.policies.expected_attention import ExpectedAttention
 from pikv_jax.cache.policies.h2o import H2O
 from pikv_jax.cache.policies.knorm import KeyDiff, Knorm
 from pikv_jax.cache.policies.lru import LRU
@@ -28,6 +29,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
+    "expected_attention": ExpectedAttention,
     "duo_attention": DuoAttention,
     "quest": Quest,
 }
@@ -47,8 +49,11 @@ def policy_class(name: str) -> type[CachePolicy]:
 
 def make_policy(name: str, *, num_layers: int | None = None, **options) -> CachePolicy:
     """A policy by name. Options not accepted by that policy raise, naming the allowed ones.
-    `num_layers` is passed to policies that spread budgets over depth (PyramidKV)."""
+    `num_layers` is passed to policies that spread budgets over depth (PyramidKV). A `scorer` given
+    by name (AdaKV's) is built with its own defaults."""
     cls = policy_class(name)
+    if isinstance(options.get("scorer"), str):
+        options = {**options, "scorer": make_policy(options["scorer"], num_layers=num_layers)}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     if "num_layers" in fields and num_layers is not None:
         options.setdefault("num_layers", num_layers)

@@ -24,7 +24,11 @@ The safeguard follows kvpress's AdaKV (a per-head top floor, then a global top-k
 repository instead blends the global counts n_h into alpha * B + (1 - alpha) * n_h. Both give
 every head at least alpha of the average budget.
 
-Not composable in `Composite` (its prefill writes the uniform layout).
+Head-adaptive budgets are a combinator: `scorer` replaces step 1 by any policy's prefill scores
+(`adakv(expected_attention)`, `adakv(knorm)`, `adakv(snapkv)`), as kvpress's AdaKVPress wraps a
+scorer press; steps 2-4 and the pooled storage are unchanged.
+
+Not composable in `Composite` (its prefill writes the pooled layout).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from pikv_jax.cache.policies.base import PrefillContext, protected_mask
+from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, protected_mask
 from pikv_jax.cache.policies.snapkv import SnapKV
 from pikv_jax.cache.pooled import (
     PooledLayerCache,
@@ -91,12 +95,25 @@ class AdaKV(SnapKV):
     kernel, pooling: SnapKV's score pooling (odd kernel, default 5; "avg" or "max").
     n_sink: first positions always kept in every head, default 4.
     group_reduce: reduction of per-query-head scores over a GQA group (mean | max | sum).
+    scorer: a policy whose `prefill_scores` rank the tokens instead of SnapKV's (None = SnapKV);
+      only its scores are used: budgets, protection and storage are AdaKV's.
     decode_evict must stay False (decoded tokens are appended).
     """
 
     name: ClassVar[str] = "adakv"
     layout: ClassVar[str] = "pooled"
     safe_fraction: float = 0.2
+    scorer: CachePolicy | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.scorer is None else f"{self.name}({self.scorer.label})"
+
+    def prefill_mass_from(self, lengths):
+        return None if self.scorer is None else self.scorer.prefill_mass_from(lengths)
+
+    def prefill_scores(self, layer: int, ctx: PrefillContext):
+        return super().prefill_scores(layer, ctx) if self.scorer is None else self.scorer.prefill_scores(layer, ctx)
 
     def __post_init__(self):
         if not 0.0 <= self.safe_fraction <= 1.0:
@@ -104,6 +121,13 @@ class AdaKV(SnapKV):
         if self.decode_evict:
             raise ValueError("decode_evict=True is not supported by adakv: it compresses the prompt and appends "
                              "decoded tokens; allowed: decode_evict=False")
+        if self.scorer is not None:
+            if not isinstance(self.scorer, CachePolicy) or self.scorer.layout != "uniform":
+                raise ValueError(f"adakv scorer must be a policy that scores prompt tokens (snapkv, knorm, "
+                                 f"expected_attention, ...), got {self.scorer!r}")
+            if type(self.scorer).prefill_scores is CachePolicy.prefill_scores:
+                raise ValueError(f"adakv scorer {self.scorer.name!r} does not score prompt tokens; allowed: a "
+                                 f"policy with prefill scores (snapkv, knorm, keydiff, expected_attention, tova, h2o)")
         super().__post_init__()
 
     # ------------------------------------------------------------------ layout

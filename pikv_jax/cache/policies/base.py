@@ -47,8 +47,10 @@ class PrefillContext:
     q: [B, S, H, D]; k, v: [B, S, Hkv, D] (keys after RoPE); pos: i32[B, S] (-1 = padding);
     lengths: i32[B]; key_mass: f32[B, Hkv, S] or None (attention mass from the queries chosen by
     `prefill_mass_from`, reduced over each GQA group); shared: a dict that earlier layers may write
-    into (FastV ranks tokens at layer K for the layers above it); q_raw, k_raw: before RoPE, given
-    only to policies whose `stores_raw_keys` is True.
+    into (FastV ranks tokens at layer K for the layers above it); q_raw: queries before RoPE (the
+    model's forward gives them to every policy; unused ones cost nothing under jit); k_raw: keys
+    before RoPE, only for policies whose `stores_raw_keys` is True; inv_freq: f32[D/2] the model's
+    RoPE frequencies (Expected Attention rotates its query statistics to future positions).
     """
 
     q: jax.Array
@@ -58,8 +60,9 @@ class PrefillContext:
     lengths: jax.Array
     key_mass: jax.Array | None
     shared: dict[str, Any]
-    q_raw: jax.Array | None = None  # before RoPE, only for policies with stores_raw_keys
-    k_raw: jax.Array | None = None
+    q_raw: jax.Array | None = None  # before RoPE
+    k_raw: jax.Array | None = None  # before RoPE, only for policies with stores_raw_keys
+    inv_freq: jax.Array | None = None
 
     @property
     def prompt_len(self) -> int:
