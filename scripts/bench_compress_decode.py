@@ -50,10 +50,10 @@ READ_FIELDS = {LayerCache: ("k", "v", "pos"),
 FULL = "full-bf16"
 
 
-def policies(group: int, residual: int) -> dict:
-    return {FULL: CachePolicy(),
-            "int8": QuantizedPolicy(bits=8, group_size=group, residual_length=residual),
-            "int4": QuantizedPolicy(bits=4, group_size=group, residual_length=residual)}
+def policies(group: int | None, residual: int | None) -> dict:
+    """The bf16 cache and KIVI int8 / int4 (their defaults unless --group-size / --residual-length)."""
+    kw = {k: v for k, v in (("group_size", group), ("residual_length", residual)) if v is not None}
+    return {FULL: CachePolicy(), "int8": QuantizedPolicy(bits=8, **kw), "int4": QuantizedPolicy(bits=4, **kw)}
 
 
 def cache_shapes(model: PiKVModel, policy, prompt_len: int, new_tokens: int):
@@ -103,8 +103,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter dtype")
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--group-size", type=int, default=32)
-    ap.add_argument("--residual-length", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=None, help="default: KIVI's per-bits default (32; 64 at int8)")
+    ap.add_argument("--residual-length", type=int, default=None, help="default: QuantizedPolicy's (64)")
     ap.add_argument("--repeats", type=int, default=30, help="interleaved rounds of the attention microbenchmark")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed decode rounds (after one warm-up round)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 512-token context, 8 new tokens, "
@@ -148,8 +148,9 @@ def main(argv=None):
     attn = attention_microbench(model, pols, args.context + args.new_tokens, args.repeats)
     write_json(args.out, {"benchmark": "compress-decode", "model": args.model, "dtype": args.dtype,
                           "quick": args.quick, "cache_dtype": "bfloat16", "context": args.context, "batch": 1,
-                          "new_tokens": args.new_tokens, "group_size": args.group_size,
-                          "residual_length": args.residual_length, "protocol": protocol(args.rounds, 1),
+                          "new_tokens": args.new_tokens,
+                          "kivi": {k: {"group_size": p.group_size, "residual_length": p.residual_length}
+                                   for k, p in pols.items() if k != FULL}, "protocol": protocol(args.rounds, 1),
                           "order": [f"{r}:{n}" for r, n in res.order],
                           "attention_protocol": protocol(args.repeats, 1), "bandwidth": bw,
                           "machine": machine_info(), "results": rows, "attention_one_layer": attn})
