@@ -211,6 +211,22 @@ def fmt_spread(s: Mapping, spec: str = ".1f", unit: str = "") -> str:
     return f"{format(s['median'], spec)} ({format(s['min'], spec)}-{format(s['max'], spec)}){u}"
 
 
+def memory_maps() -> int:
+    """Memory maps this process holds (lines of /proc/self/maps; Linux). Each compiled XLA program
+    keeps hundreds, and the kernel's vm.max_map_count (65,530 by default) is a hard ceiling."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (VmRSS of /proc/self/status; Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
 def write_json(path: str, payload: dict) -> None:
     """Writes `payload` to `path` (creating its folder) and says where."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from pikv_jax.api import PiKVModel
+from pikv_jax.bench import memory_maps, rss_mb
 from pikv_jax.cache.policies import make_policy
 from pikv_jax.config import tiny_config
 
@@ -32,19 +33,6 @@ MAX_COMPILED = 6  # of 24 possible programs: most blocks compile one and drop th
 MAPS_TOLERANCE = 150  # measured growth over calls 50..200 after the fix: 39 maps (before: 2,371)
 RSS_TOLERANCE_MB = 60.0  # measured growth after the fix: 23 MB (before: 98 MB)
 BUCKETS = [(1, 64), (65, 128), (129, 192), (193, 256)]  # prompt-length ranges of one padded width
-
-
-def memory_maps() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
 def run_workload(calls: int = CALLS, seed: int = 0) -> dict:
