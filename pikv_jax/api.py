@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
+from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, with_repeat_prompt
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.intmath import round_up
@@ -133,7 +134,7 @@ class PiKVModel:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
-        policy = self.policy if policy is None else policy
+        policy = self._resolve_policy(policy)
         ids = self._prompt_ids(prompts, chat=chat, system=system)
         pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
         tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=self._prompt_width(ids))
@@ -288,6 +289,16 @@ class PiKVModel:
                                 finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
                                 prompt_lengths=[len(p) for p in ids], stats=stats)
 
+    def _resolve_policy(self, policy: CachePolicy | None) -> CachePolicy:
+        """The given policy or the model's default, with KVzip's repeat instruction encoded by this
+        model's tokenizer when the policy contains a KVzip without one (no tokenizer: the repeat
+        input is the bare context)."""
+        policy = self.policy if policy is None else policy
+        kvzip = context_scorer(policy)
+        if kvzip is not None and not kvzip.repeat_prompt_ids and self.tokenizer is not None:
+            policy = with_repeat_prompt(policy, self.tokenizer.encode(REPEAT_INSTRUCTION, add_bos=False))
+        return policy
+
     def teacher_forced(self, prompts, continuations, *, policy: CachePolicy | None = None,
                        full_logprobs: bool = False):
         """Scores `continuations` given each prompt compressed by `policy` (teacher forcing; the
@@ -297,7 +308,7 @@ class PiKVModel:
         full log-softmax f32[B, T, V] before each continuation token with `full_logprobs`), and the
         continuation lengths i32[B]. Position t of row b is valid for t < lengths[b].
         """
-        policy = self.policy if policy is None else policy
+        policy = self._resolve_policy(policy)
         ids = self._prompt_ids(prompts, chat=False, system=None)
         conts = [self.encode(c) if isinstance(c, str) else [int(t) for t in c] for c in continuations]
         if len(conts) != len(ids):

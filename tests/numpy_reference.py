@@ -71,8 +71,9 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def forward(cfg: dict, weights: dict, tokens) -> np.ndarray:
-    """Logits f64[T, V] for one unpadded token sequence. `cfg` is a Hugging Face config.json dict."""
+def forward(cfg: dict, weights: dict, tokens, *, probs_out: list | None = None) -> np.ndarray:
+    """Logits f64[T, V] for one unpadded token sequence. `cfg` is a Hugging Face config.json dict.
+    probs_out: a list that receives each layer's attention probabilities f64[H, T, T]."""
     w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     model_type = cfg["model_type"]
     e = cfg["hidden_size"]
@@ -119,7 +120,7 @@ def forward(cfg: dict, weights: dict, tokens) -> np.ndarray:
             q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
             k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
         q, k = rope(q, freqs), rope(k, freqs)
-        heads = []
+        heads, layer_probs = [], []
         for hi in range(h):
             kv = hi // (h // hk)  # query head hi reads KV head hi // group
             s = q[:, hi] @ k[:, kv].T / math.sqrt(d)
@@ -127,7 +128,10 @@ def forward(cfg: dict, weights: dict, tokens) -> np.ndarray:
             s = s - s.max(axis=-1, keepdims=True)
             pr = np.exp(s)
             pr /= pr.sum(axis=-1, keepdims=True)
+            layer_probs.append(pr)
             heads.append(pr @ v[:, kv])
+        if probs_out is not None:
+            probs_out.append(np.stack(layer_probs))
         attn = np.concatenate(heads, axis=-1)  # [T, H*D]
         o = attn @ w[p + "self_attn.o_proj.weight"].T
         if o_bias:

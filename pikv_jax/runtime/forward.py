@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from pikv_jax.attention import dispatch
+from pikv_jax.attention.reference import NEG_INF, visible
 from pikv_jax.attention.rope import apply_rope
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
+from pikv_jax.cache.policies.kvzip import CONTEXT_SCORES, context_scorer
 from pikv_jax.cache.state import KVCache
+from pikv_jax.intmath import cdiv
 from pikv_jax.models.llama import CausalLM
 
 
@@ -29,16 +33,18 @@ def _mlp_block(layer, x):
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def forward_full(model: CausalLM, tokens, lengths, *, return_hidden: bool = False):
+def forward_full(model: CausalLM, tokens, lengths, *, return_hidden: bool = False, return_kv: bool = False):
     """Uncached forward over a right-padded batch. tokens: i32[B, S] -> logits f32[B, S, V].
 
     The reference that cached generation must reproduce; also the teacher in distillation.
+    return_hidden adds each layer's output [B, S, E]; return_kv each layer's (k after RoPE, v)
+    [B, S, Hkv, D] (KVzip's reconstruction pass attends to them).
     """
     cfg = model.config
     pos = prompt_positions(tokens, lengths)
     inv_freq = model.inv_freq()
     x = model.embed(tokens)
-    hidden = []
+    hidden, kv = [], []
     for layer in model.layers:
         h = layer.input_layernorm(x)
         q, k, v = layer.self_attn.qkv(h, jnp.maximum(pos, 0), inv_freq)
@@ -46,8 +52,10 @@ def forward_full(model: CausalLM, tokens, lengths, *, return_hidden: bool = Fals
                                           causal_prefix=True)
         x = _mlp_block(layer, x + layer.self_attn.out(out))
         hidden.append(x)
+        kv.append((k, v))
     logits = model.logits(x)
-    return (logits, hidden) if return_hidden else logits
+    extra = ([hidden] if return_hidden else []) + ([kv] if return_kv else [])
+    return (logits, *extra) if extra else logits
 
 
 def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolicy):
@@ -63,6 +71,10 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
     inv_freq = model.inv_freq()
     mass_from = policy.prefill_mass_from(lengths)
     shared: dict = {}
+    kvzip = context_scorer(policy)
+    if kvzip is not None:
+        shared[CONTEXT_SCORES] = reconstruction_scores(model, tokens, lengths, kvzip.repeat_prompt_ids,
+                                                       kvzip.chunk_size)
     x = model.embed(tokens)
     new_layers = []
     for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
@@ -146,4 +158,71 @@ def extend(model: CausalLM, cache: KVCache, tokens, lengths, policy: CachePolicy
     return last, per_step, cache
 
 
-__all__ = ["decode_step", "extend", "forward_full", "prefill", "prompt_positions"]
+# ------------------------------------------------------------------ KVzip's reconstruction pass
+#
+# pikv_jax/cache/policies/kvzip.py says what it scores and why. For each chunk c of `chunk_size`
+# context positions, every row feeds [instruction ids ; its context tokens of chunk c] at positions
+# L_b, L_b + 1, ... (right after its prompt). At every layer those queries attend to the whole
+# prompt's KV (from an uncached forward) and causally to the chunk's own KV; the prompt part of the
+# attention, maximised over the chunk's real queries and the GQA group, is folded into a running
+# maximum per (layer, row, KV head, prompt position). Chunks run in a `lax.scan`: one chunk's
+# attention is held at a time and the pass compiles once.
+
+
+def _reconstruction_attend(q, keys, vals, q_pos, k_pos, n_prompt: int, sliding_window):
+    """q [B, T, H, D] over keys/vals [B, S + T, Hkv, D] -> (out [B, T, H, D], max prompt attention
+    f32[B, Hkv, S] over real queries and the GQA group)."""
+    b, t, h, d = q.shape
+    hk = keys.shape[2]
+    qg = q.reshape(b, t, hk, h // hk, d)
+    logits = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32) * d ** -0.5
+    mask = visible(q_pos[:, None, None, :, None], k_pos[:, None, None, None, :], sliding_window)
+    mask = mask & (q_pos >= 0)[:, None, None, :, None] & (k_pos >= 0)[:, None, None, None, :]
+    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1), 0.0)
+    out = jnp.einsum("bhgts,bshd->bthgd", probs, vals.astype(jnp.float32)).reshape(b, t, h, d)
+    return out.astype(q.dtype), jnp.max(probs[..., :n_prompt], axis=(2, 3))
+
+
+def reconstruction_scores(model: CausalLM, tokens: Int[Array, "b s"], lengths: Int[Array, " b"],
+                          repeat_ids, chunk_size: int) -> tuple[Float[Array, "b hk s"], ...]:
+    """Per layer f32[B, Hkv, S]: the largest attention each prompt KV receives from the repeat queries
+    (0 for padding). repeat_ids: the instruction's token ids (may be empty)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cfg = model.config
+    b, s = tokens.shape
+    pos = prompt_positions(tokens, lengths)
+    _, kv = forward_full(model, tokens, lengths, return_kv=True)
+    inv_freq = model.inv_freq()
+    n_instr = len(repeat_ids)
+    chunk = min(chunk_size, s)
+    instr = jnp.broadcast_to(jnp.asarray(list(repeat_ids), jnp.int32)[None, :], (b, n_instr))
+
+    def one_chunk(scores, c):
+        idx = c * chunk + jnp.arange(chunk)  # context positions this chunk repeats
+        real = idx[None, :] < lengths[:, None]  # [B, chunk]
+        body = jnp.take(tokens, jnp.minimum(idx, s - 1), axis=1)
+        ids = jnp.concatenate([instr, body], axis=1)  # [B, T]
+        ok = jnp.concatenate([jnp.ones((b, n_instr), bool), real], axis=1)
+        # positions right after the row's prompt; a short last chunk's padding is invisible (-1)
+        q_pos = jnp.where(ok, lengths[:, None] + jnp.arange(n_instr + chunk)[None, :], -1).astype(jnp.int32)
+        k_pos = jnp.concatenate([pos, q_pos], axis=1)
+        x = model.embed(ids)
+        new = []
+        for layer, (k_ctx, v_ctx), sc in zip(model.layers, kv, scores):
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.qkv(h, jnp.maximum(q_pos, 0), inv_freq)
+            keys = jnp.concatenate([k_ctx.astype(k.dtype), k], axis=1)
+            vals = jnp.concatenate([v_ctx.astype(v.dtype), v], axis=1)
+            out, mx = _reconstruction_attend(q, keys, vals, q_pos, k_pos, s, cfg.sliding_window)
+            new.append(jnp.maximum(sc, mx))
+            x = _mlp_block(layer, x + layer.self_attn.out(out))
+        return tuple(new), None
+
+    hk = kv[0][0].shape[2]
+    init = tuple(jnp.zeros((b, hk, s), jnp.float32) for _ in model.layers)
+    scores, _ = jax.lax.scan(one_chunk, init, jnp.arange(cdiv(s, chunk)))
+    return scores
+
+
+__all__ = ["decode_step", "extend", "forward_full", "prefill", "prompt_positions", "reconstruction_scores"]

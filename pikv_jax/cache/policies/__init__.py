@@ -12,6 +12,7 @@ from pikv_jax.cache.policies.duo_attention import DuoAttention
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
 from pikv_jax.cache.policies.h2o import H2O
 from pikv_jax.cache.policies.knorm import KeyDiff, Knorm
+from pikv_jax.cache.policies.kvzip import KVzip
 from pikv_jax.cache.policies.lru import LRU
 from pikv_jax.cache.policies.quest import Quest
 from pikv_jax.cache.policies.snapkv import PyramidKV, SnapKV
@@ -30,6 +31,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
     "expected_attention": ExpectedAttention,
+    "kvzip": KVzip,
     "duo_attention": DuoAttention,
     "quest": Quest,
 }

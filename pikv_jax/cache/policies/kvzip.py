@@ -1,0 +1,86 @@
+"""KVzip (Kim et al., 2025): query-agnostic prompt selection by context reconstruction.
+
+A KV pair matters for any future question if the model needs it to *reproduce* the context. KVzip
+feeds, after the prompt, an instruction to repeat the context followed by the context itself, and
+scores each prompt KV by the largest attention it receives from those repeat queries (maximum over
+the repeat queries and over the query heads of its GQA group). The repeat input is processed in
+chunks of `chunk_size` context tokens, each chunk preceded by the instruction and attending to the
+whole prompt's KV plus itself (causal), so the attention matrix held at once is
+[chunk + instruction] x [prompt + chunk + instruction] per head, not quadratic in the prompt.
+
+The scoring pass is run by the runtime (`runtime.forward.reconstruction_scores`) before the
+prefill and handed to the policy in `PrefillContext.shared[CONTEXT_SCORES]`: one full forward for
+the prompt's KV, the repeat pass (about as many tokens again), then the prefill that selects. About 3x a plain prefill
+on this implementation (the paper reports 2-3x); decode is unchanged. Budgets are per layer; per
+head within a layer with `adakv(kvzip)`. Prefill selection only: compose with a decode-time policy
+(`kvzip+h2o`) to evict while decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
+
+CONTEXT_SCORES = "context_scores"  # key of PrefillContext.shared: tuple of f32[B, Hkv, S], one per layer
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVzip(CachePolicy):
+    """repeat_prompt_ids: token ids of the repeat instruction (`REPEAT_INSTRUCTION` encoded by the
+    model's tokenizer; `parse_method(..., model=...)` and `PiKVModel` fill them). chunk_size:
+    context tokens per repeat chunk, default 512 (bounded memory; the paper uses 2048 on GPUs).
+    n_sink: first positions always kept, default 4. decode_evict must stay False."""
+
+    name: ClassVar[str] = "kvzip"
+    repeat_prompt_ids: tuple[int, ...] = ()
+    chunk_size: int = 512
+
+    def __post_init__(self):
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        object.__setattr__(self, "repeat_prompt_ids", tuple(int(t) for t in self.repeat_prompt_ids))
+        if self.decode_evict:
+            raise ValueError("kvzip scores tokens only at prefill, so it cannot evict at decode time; "
+                             "compose it with a decode-time policy (e.g. kvzip+h2o@0.25)")
+        super().__post_init__()
+
+    def prefill_scores(self, layer: int, ctx: PrefillContext):
+        scores = ctx.shared.get(CONTEXT_SCORES)
+        if scores is None:
+            raise ValueError("kvzip needs the scores of the reconstruction pass, which runtime.forward.prefill "
+                             "runs (PiKVModel.generate calls it)")
+        return jnp.where(ctx.pos[:, None, :] >= 0, scores[layer], -jnp.inf)
+
+
+def context_scorer(policy: CachePolicy) -> KVzip | None:
+    """The KVzip policy inside `policy` (itself, AdaKV's scorer, a Composite's prefill policy, a
+    compression wrapper's inner policy, a per-layer policy), or None: the runtime runs the
+    reconstruction pass only when there is one."""
+    if isinstance(policy, KVzip):
+        return policy
+    subs = [getattr(policy, a, None) for a in ("scorer", "prefill_policy", "inner")]
+    subs += list(getattr(policy, "policies", ()) or ())
+    for sub in subs:
+        found = context_scorer(sub) if isinstance(sub, CachePolicy) else None
+        if found is not None:
+            return found
+    return None
+
+
+def with_repeat_prompt(policy: CachePolicy, ids) -> CachePolicy:
+    """`policy` with every KVzip inside it given the repeat-instruction token ids (others unchanged)."""
+    if isinstance(policy, KVzip):
+        return dataclasses.replace(policy, repeat_prompt_ids=tuple(ids))
+    changes = {}
+    for attr in ("scorer", "prefill_policy", "inner"):
+        sub = getattr(policy, attr, None)
+        if isinstance(sub, CachePolicy) and context_scorer(sub) is not None:
+            changes[attr] = with_repeat_prompt(sub, ids)
+    if changes:
+        return dataclasses.replace(policy, **changes)
+    return policy
