@@ -46,7 +46,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated method specs: full, h2o@0.25, snapkv@50%%, snapkv+h2o@0.25, "
                         "streaming_llm@256t, h2o(recent_ratio=0.3)@0.25 (default: full + streaming_llm, h2o, "
                         "snapkv at 50%% and 25%%)")
-    p.add_argument("--tasks", type=_words, default=None, help="comma-separated: passkey,ppl,fidelity,speed")
+    p.add_argument("--tasks", type=_words, default=None, help="comma-separated: passkey,ruler,ppl,fidelity,speed")
     p.add_argument("--contexts", type=_ints, default=None, help="passkey context lengths in tokens (1024,2048,4096)")
     p.add_argument("--depths", type=_floats, default=None, help="needle depths in [0, 1] or percent (0,25%%,50%%)")
     p.add_argument("--seeds", type=_ints, default=None, help="seeds (keys and haystack offsets)")
@@ -54,7 +54,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="repetitive, varied, or a text file path; comma-separated for several")
     p.add_argument("--keys", type=_ints, default=None, help="numbers of hidden keys per case (1 = single, 3 = multi)")
     p.add_argument("--modes", type=_words, default=None, help="query_aware,query_agnostic")
-    p.add_argument("--batch-size", type=int, default=None, help="passkey prompts per generate call")
+    p.add_argument("--ruler-tasks", type=_words, default=None,
+                   help="RULER-style tasks for --tasks ruler (default all): niah_single, niah_multikey, "
+                        "niah_multivalue, niah_multiquery, variable_tracking, common_words, frequent_words; "
+                        "lengths from --contexts, seeds from --seeds")
+    p.add_argument("--ruler-value-types", type=_words, default=None,
+                   help="needle value types of niah_single, one case each: word,number,uuid (default all)")
+    p.add_argument("--ruler-max-new-tokens", type=int, default=None, help="answer tokens generated per RULER case")
+    p.add_argument("--batch-size", type=int, default=None, help="passkey / RULER prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens generated per passkey case")
     p.add_argument("--ppl-prefix", type=int, default=None, help="compressed prefix tokens for perplexity / KL")
     p.add_argument("--ppl-tokens", type=int, default=None, help="teacher-forced tokens scored after the prefix")
@@ -77,7 +84,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 _FIELDS = {"model": "model", "dtype": "dtype", "tasks": "tasks", "contexts": "contexts", "depths": "depths",
            "seeds": "seeds", "haystack": "haystacks", "keys": "keys", "modes": "modes", "batch_size": "batch_size",
-           "max_new_tokens": "max_new_tokens", "ppl_prefix": "ppl_prefix", "ppl_tokens": "ppl_tokens",
+           "max_new_tokens": "max_new_tokens", "ruler_tasks": "ruler_tasks",
+           "ruler_value_types": "ruler_value_types", "ruler_max_new_tokens": "ruler_max_new_tokens",
+           "ppl_prefix": "ppl_prefix", "ppl_tokens": "ppl_tokens",
            "ppl_windows": "ppl_windows", "eviction_cache": "eviction_cache", "speed_context": "speed_context",
            "speed_batches": "speed_batches", "out": "out", "name": "name"}
 

@@ -197,6 +197,31 @@ def insertion_point(target: int, starts: Sequence[bool], *, snap: bool = True) -
     return target
 
 
+def haystack_body(haystack: Haystack, body_len: int, rng: np.random.Generator) -> tuple[list[int], list[bool]]:
+    """`body_len` haystack token ids from a seeded sentence start (wrapping around the text) and,
+    per token, whether a sentence starts there."""
+    sentence_starts = [i for i, s in enumerate(haystack.starts) if s] or [0]
+    offset = int(rng.choice(sentence_starts))
+    idx = (offset + np.arange(body_len)) % len(haystack.ids)
+    return [haystack.ids[i] for i in idx], [haystack.starts[i] for i in idx]
+
+
+def splice(pre: Sequence[int], body: Sequence[int], starts: Sequence[bool], pieces: Sequence[Sequence[int]],
+           depths: Sequence[float], *, snap: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """`pre` + `body` with piece j inserted at depth j of the body (snapped to a sentence start);
+    returns (context ids, first index of each piece in the context, insertion point of each piece in
+    the body). Pieces at the same point keep their order."""
+    points = [insertion_point(int(round(d * len(body))), starts, snap=snap) for d in depths]
+    context, prev, piece_starts = list(pre), 0, [0] * len(pieces)
+    for j in sorted(range(len(pieces)), key=lambda j: (points[j], j)):
+        context += body[prev: points[j]]
+        prev = points[j]
+        piece_starts[j] = len(context)
+        context += pieces[j]
+    context += body[prev:]
+    return context, piece_starts, points
+
+
 def build_case(codec, haystack: Haystack, context_len: int, depth: float, seed: int, *, n_keys: int = 1,
                instruction: bool = True, snap: bool = True) -> PasskeyCase:
     """A context of exactly `context_len` tokens with the target needle at `depth` (see module)."""
@@ -219,27 +244,11 @@ def build_case(codec, haystack: Haystack, context_len: int, depth: float, seed: 
     if body_len < 1:
         raise ValueError(f"context_len={context_len} is too short for the instruction and {n_keys} needle(s) "
                          f"({context_len - body_len} tokens)")
-    # haystack body: body_len tokens from a seeded sentence start, wrapping around the text
-    sentence_starts = [i for i, s in enumerate(haystack.starts) if s] or [0]
-    offset = int(rng.choice(sentence_starts))
-    n = len(haystack.ids)
-    idx = (offset + np.arange(body_len)) % n
-    body = [haystack.ids[i] for i in idx]
-    starts = [haystack.starts[i] for i in idx]
+    body, starts = haystack_body(haystack, body_len, rng)
     # target at `depth`; the other needles at random depths
     depths = [depth] + [float(x) for x in rng.uniform(0, 1, size=n_keys - 1)]
-    points = [insertion_point(int(round(d * body_len)), starts, snap=snap) for d in depths]
-    order = sorted(range(n_keys), key=lambda j: (points[j], j))
-    context = list(pre)
-    prev = 0
-    target_start = -1
-    for j in order:
-        context += body[prev: points[j]]
-        prev = points[j]
-        if j == 0:
-            target_start = len(context)
-        context += needles[j]
-    context += body[prev:]
+    context, piece_starts, points = splice(pre, body, starts, needles, depths, snap=snap)
+    target_start = piece_starts[0]
     assert len(context) == context_len, (len(context), context_len)
     return PasskeyCase(context=tuple(context), question=tuple(codec.encode(question_text(labels[0]))),
                        answer=keys[0], keys=tuple(keys), labels=tuple(lab or "" for lab in labels), depth=float(depth),
@@ -300,16 +309,19 @@ def count_calls(cases, batch_size: int) -> int:
     return sum(1 for _ in _batches(list(cases), batch_size))
 
 
-def run_passkey(model, methods, cases: list[PasskeyCase], *, modes: Sequence[str] = MODES,
-                max_new_tokens: int = 8, batch_size: int = 1, codec=None,
-                progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Generates an answer for every (method, mode, case); returns one record per case.
+def run_cases(model, methods, cases: Sequence, *, score: Callable[[object, str], dict], modes: Sequence[str] = MODES,
+              max_new_tokens: int = 8, batch_size: int = 1, codec=None,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Generates an answer for every (method, mode, case); returns one record per case: method,
+    mode, `case.meta()`, the output text, `score(case, text)` and the per-row cache/speed stats.
 
-    methods: parsed `Method`s. progress(desc) is called after each generate call.
+    Cases need `context`, `question`, `prompt`, `context_len` and `meta()` (a PasskeyCase or a
+    ruler.RulerCase). progress(desc) is called after each generate call.
     """
     for m in modes:
         if m not in MODES:
             raise ValueError(f"mode {m!r}; allowed: {', '.join(MODES)}")
+    cases = list(cases)
     codec = codec or codec_for(model)
     records = []
     for method in methods:
@@ -325,21 +337,36 @@ def run_passkey(model, methods, cases: list[PasskeyCase], *, modes: Sequence[str
                 for j, case in enumerate(rows[: len(chunk)]):
                     text = out.texts[j] if model.tokenizer is not None else codec.decode(out.token_ids[j])
                     records.append(dict(method=method.label, mode=mode, **case.meta(), output=text,
-                                        correct=score_answer(text, case.answer), **st))
+                                        **score(case, text), **st))
                 if progress:
                     progress(f"{method.label} {mode}")
     return records
 
 
-def summarize(records: list[dict], keys: Sequence[str] = ("method", "mode", "context")) -> list[dict]:
-    """Accuracy and mean bytes/speed per group of `keys` (records in first-seen order)."""
+def run_passkey(model, methods, cases: list[PasskeyCase], *, modes: Sequence[str] = MODES,
+                max_new_tokens: int = 8, batch_size: int = 1, codec=None,
+                progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Generates an answer for every (method, mode, case); returns one record per case with
+    `correct` = the key's digits appear in the output.
+
+    methods: parsed `Method`s. progress(desc) is called after each generate call.
+    """
+    return run_cases(model, methods, cases, score=lambda case, text: dict(correct=score_answer(text, case.answer)),
+                     modes=modes, max_new_tokens=max_new_tokens, batch_size=batch_size, codec=codec,
+                     progress=progress)
+
+
+def summarize(records: list[dict], keys: Sequence[str] = ("method", "mode", "context"), *,
+              metric: str = "correct") -> list[dict]:
+    """Accuracy (the mean of each record's `metric`) and mean bytes/speed per group of `keys`
+    (records in first-seen order)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
     for k, rs in groups.items():
         row = dict(zip(keys, k))
-        row.update(n=len(rs), accuracy=float(np.mean([r["correct"] for r in rs])))
+        row.update(n=len(rs), accuracy=float(np.mean([float(r[metric]) for r in rs])))
         for f in ("kept_tokens", "kept_bytes", "cache_bytes", "full_cache_bytes", "decode_ms_per_token"):
             row[f] = float(np.mean([r[f] for r in rs]))
         row["kept_fraction"] = row["kept_bytes"] / row["full_cache_bytes"] if row["full_cache_bytes"] else float("nan")
@@ -348,5 +375,5 @@ def summarize(records: list[dict], keys: Sequence[str] = ("method", "mode", "con
 
 
 __all__ = ["CharCodec", "Haystack", "MODES", "PasskeyCase", "TokenizerCodec", "build_case", "build_cases",
-           "codec_for", "count_calls", "haystack_text", "insertion_point", "make_haystack", "run_passkey",
-           "score_answer", "split_heldout", "stats_record", "summarize"]
+           "codec_for", "count_calls", "haystack_body", "haystack_text", "insertion_point", "make_haystack",
+           "run_cases", "run_passkey", "score_answer", "splice", "split_heldout", "stats_record", "summarize"]

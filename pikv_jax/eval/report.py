@@ -1,5 +1,5 @@
-"""Evaluation output: one JSON file, a PNG of passkey accuracy against kept bytes per method, and a
-markdown table for the README.
+"""Evaluation output: one JSON file, a PNG of passkey and RULER accuracy against kept bytes per
+method, and markdown tables for the README.
 
 Kept bytes are what the kept tokens of one sequence take in a bf16 K+V cache (or what a compressed
 cache reports), so eviction and quantization share one axis.
@@ -59,49 +59,64 @@ def write_json(path: str, payload: dict) -> str:
     return path
 
 
+def _plot_panel(ax, rows: Sequence[dict], mode: str, bases: Sequence[str], ylabel: str) -> None:
+    """One mode's accuracy against allocated cache bytes: a line per method base through its
+    budgets, the full cache as a star with a dotted level."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab20")
+    markers = "osD^vP<>Xh"
+    for i, base in enumerate(bases):
+        pts = sorted(((r["cache_bytes"] / MiB, r["accuracy"], split_label(r["method"])[1]) for r in rows
+                      if r["mode"] == mode and split_label(r["method"])[0] == base))
+        if not pts:
+            continue
+        x, y, b = zip(*pts)
+        if base == "full":
+            ax.scatter(x, y, marker="*", s=220, color="black", zorder=5, label="full")
+            ax.axhline(np.mean(y), color="black", lw=0.8, ls=":")
+        else:
+            ax.plot(x, y, marker=markers[i % len(markers)], color=cmap(i % 20), alpha=0.8, ms=7,
+                    ls="-" if i < 10 else "--", label=base)
+            for xi, yi, bi in zip(x, y, b):
+                ax.annotate(budget_text(bi), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("KV cache bytes allocated per sequence (MiB, as stored)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.set_title(mode.replace("_", "-"))
+
+
 def plot_accuracy_vs_bytes(summary: Sequence[dict], path: str, *, context: int | None = None,
-                           title: str | None = None) -> str | None:
+                           title: str | None = None, ruler: Sequence[dict] = ()) -> str | None:
     """One panel per mode: accuracy (y) against the KV cache bytes allocated per sequence, as stored
     (x: codes, scales and residual for quantized caches, the cache dtype otherwise), so eviction and
     quantization share one axis; one line per method through its budgets, the full cache as a star.
-    Returns the path (None without rows)."""
+    `summary` holds passkey rows, `ruler` RULER rows per (method, mode, context) (accuracy = mean
+    string-match-all over the tasks); each gets a row of panels. Returns the path (None without rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summary if context is None or r["context"] == context]
-    if not rows:
+    families = [(name, [r for r in rs if context is None or r["context"] == context])
+                for name, rs in (("passkey accuracy", summary), ("RULER accuracy (mean over tasks)", ruler))]
+    families = [(name, rs) for name, rs in families if rs]
+    if not families:
         return None
+    rows = [r for _, rs in families for r in rs]
     modes = [m for m in ("query_aware", "query_agnostic") if any(r["mode"] == m for r in rows)]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.6), squeeze=False)
+    fig, axes = plt.subplots(len(families), len(modes), figsize=(6.2 * len(modes), 4.6 * len(families)),
+                             squeeze=False)
     bases = sorted({split_label(r["method"])[0] for r in rows}, key=lambda b: (b != "full", b))
-    cmap = plt.get_cmap("tab20")
-    markers = "osD^vP<>Xh"
-    for ax, mode in zip(axes[0], modes):
-        for i, base in enumerate(bases):
-            pts = sorted(((r["cache_bytes"] / MiB, r["accuracy"], split_label(r["method"])[1]) for r in rows
-                          if r["mode"] == mode and split_label(r["method"])[0] == base))
-            if not pts:
-                continue
-            x, y, b = zip(*pts)
-            if base == "full":
-                ax.scatter(x, y, marker="*", s=220, color="black", zorder=5, label="full")
-                ax.axhline(np.mean(y), color="black", lw=0.8, ls=":")
-            else:
-                ax.plot(x, y, marker=markers[i % len(markers)], color=cmap(i % 20), alpha=0.8, ms=7,
-                        ls="-" if i < 10 else "--", label=base)
-                for xi, yi, bi in zip(x, y, b):
-                    ax.annotate(budget_text(bi), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        ax.set_xlabel("KV cache bytes allocated per sequence (MiB, as stored)")
-        ax.set_ylabel("passkey accuracy")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlim(left=0)
-        ax.grid(alpha=0.3)
-        ax.set_title(mode.replace("_", "-"))
+    for axrow, (name, rs) in zip(axes, families):
+        for ax, mode in zip(axrow, modes):
+            _plot_panel(ax, rs, mode, bases, name)
     axes[0][-1].legend(fontsize=7, loc="best")
     ctx = f" at {context} tokens" if context else ""
-    fig.suptitle(title or f"Passkey accuracy vs KV cache bytes{ctx}")
+    what = " and ".join(name.split(" ")[0] for name, _ in families)
+    fig.suptitle(title or f"{what} accuracy vs KV cache bytes{ctx}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -204,5 +219,19 @@ def passkey_breakdown(records: Sequence[dict], *, keys=("haystack", "n_keys")) -
     return "\n".join(lines)
 
 
+def ruler_table(summary: Sequence[dict]) -> str:
+    """RULER accuracy (mean string-match-all) per method, mode and context (rows) and task (columns),
+    with the mean over the tasks."""
+    tasks = list(dict.fromkeys(r["task"] for r in summary))
+    cell = {(r["method"], r["mode"], r["context"], r["task"]): r["accuracy"] for r in summary}
+    rows = []
+    for m, mode, ctx in dict.fromkeys((r["method"], r["mode"], r["context"]) for r in summary):
+        accs = [cell.get((m, mode, ctx, t)) for t in tasks]
+        known = [a for a in accs if a is not None]
+        rows.append([m, mode, ctx] + [_fmt(a, ".0%") for a in accs]
+                    + [_fmt(float(np.mean(known)) if known else None, ".0%")])
+    return _table(["method", "mode", "context"] + tasks + ["mean"], rows)
+
+
 __all__ = ["budget_text", "eviction_table", "markdown_table", "passkey_breakdown", "plot_accuracy_vs_bytes",
-           "speed_table", "split_label", "write_json"]
+           "ruler_table", "speed_table", "split_label", "write_json"]

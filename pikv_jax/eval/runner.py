@@ -1,4 +1,4 @@
-"""One evaluation run: passkey, perplexity, logit fidelity and decode speed for a list of methods,
+"""One evaluation run: passkey, RULER-style tasks, perplexity, logit fidelity and decode speed for a list of methods,
 written as `<out>/<name>.json`, `.png` (accuracy against kept bytes) and `.md` (README tables).
 
 Shared by `pikv eval` and `scripts/eval_grid.py`. Shapes are reused so that each (method, context,
@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from pikv_jax.api import PiKVModel
 from pikv_jax.bench import goal, machine_info
-from pikv_jax.eval import passkey, perplexity, report
+from pikv_jax.eval import passkey, perplexity, report, ruler
 from pikv_jax.eval.methods import parse_methods
 from pikv_jax.eval.speed import decode_speed
 
-TASKS = ("passkey", "ppl", "fidelity", "speed")
+TASKS = ("passkey", "ruler", "ppl", "fidelity", "speed")
 DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
                    "snapkv@0.25")
 
@@ -46,6 +46,10 @@ class EvalConfig:
     modes: Sequence[str] = passkey.MODES
     max_new_tokens: int = 8
     batch_size: int = 1
+    # RULER-style tasks (pikv_jax.eval.ruler) at the passkey contexts and seeds
+    ruler_tasks: Sequence[str] = ruler.TASKS
+    ruler_value_types: Sequence[str] = ruler.VALUE_TYPES  # niah_single runs once per value type
+    ruler_max_new_tokens: int = 32
     # perplexity (a) and fidelity: prefix compressed, continuation teacher-forced
     ppl_prefix: int = 1024
     ppl_tokens: int = 128
@@ -75,7 +79,14 @@ class EvalConfig:
     def validate(self):
         for t in self.tasks:
             if t not in TASKS:
-                raise ValueError(f"unknown task {t!r}; allowed: {', '.join(TASKS)}")
+                raise ValueError(f"unknown task {t!r} in --tasks; allowed: {', '.join(TASKS)}")
+        ruler.check_tasks(self.ruler_tasks, "--ruler-tasks")
+        for v in self.ruler_value_types:
+            if v not in ruler.VALUE_TYPES:
+                raise ValueError(f"unknown value type {v!r} in --ruler-value-types; allowed: "
+                                 f"{', '.join(ruler.VALUE_TYPES)}")
+        if self.ruler_max_new_tokens < 1:
+            raise ValueError(f"ruler_max_new_tokens must be >= 1, got {self.ruler_max_new_tokens}")
         for c in self.contexts:
             if c < 64:
                 raise ValueError(f"contexts must be >= 64 tokens, got {c}")
@@ -156,10 +167,15 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
 
     methods = methods_at(cfg.methods, max(cfg.contexts) if cfg.contexts else cfg.ppl_prefix)
 
+    if tasks & {"passkey", "ruler"}:
+        for n in cfg.contexts:
+            ruler.check_context(model, n)
     cases = []
     if "passkey" in tasks:
         cases = passkey.build_cases(codec, contexts=cfg.contexts, depths=cfg.depths, seeds=cfg.seeds,
                                     haystacks=cfg.haystacks, keys=cfg.keys)
+    r_cases = (ruler.build_cases(codec, tasks=cfg.ruler_tasks, contexts=cfg.contexts, seeds=cfg.seeds,
+                                 value_types=cfg.ruler_value_types) if "ruler" in tasks else [])
     ev_methods = methods_at(_eviction_specs(cfg), cfg.eviction_cache) if "ppl" in tasks else []
     sp_methods = methods_at(cfg.speed_methods, cfg.speed_context) if "speed" in tasks else []
     table_ctx = _table_context(cfg)
@@ -167,6 +183,8 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
                    and table_ctx != cfg.speed_context else [])
     total = (len(methods) * len(cfg.modes) * sum(passkey.count_calls([c for c in cases if c.context_len == n],
                                                                       cfg.batch_size) for n in cfg.contexts)
+             + len(methods) * len(cfg.modes) * sum(passkey.count_calls([c for c in r_cases if c.context_len == n],
+                                                                       cfg.batch_size) for n in cfg.contexts)
              + ((len(methods) + 1) if tasks & {"ppl", "fidelity"} else 0)
              + ((len(ev_methods) + 1) if "ppl" in tasks else 0)
              + len(sp_methods) * len(cfg.speed_batches) + len(tsp_methods))
@@ -207,6 +225,11 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
                                   "by_haystack_keys": passkey.summarize(
                                       records, ("method", "mode", "context", "haystack", "n_keys")),
                                   "records": records}
+        if r_cases:
+            bar.stage("ruler")
+            t0 = time.perf_counter()
+            payload["ruler"] = _run_ruler(cfg, model, r_cases, methods_at, codec, bar, ckpt, errors)
+            timings["ruler_s"] = time.perf_counter() - t0
         if tasks & {"ppl", "fidelity"}:
             bar.stage("perplexity/fidelity")
             t0 = time.perf_counter()
@@ -257,6 +280,37 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
     if not cfg.keep_partial:
         ckpt.finish()
     return out
+
+
+def _run_ruler(cfg: EvalConfig, model, cases: list, methods_at, codec, bar, ckpt, errors: list) -> dict:
+    """The RULER tasks, context-major like passkey (one context's compiles reused across methods'
+    modes), with the same checkpointing and keep-going rules; returns summaries and records."""
+    records: list[dict] = []
+    setting = [list(cfg.ruler_tasks), list(cfg.seeds), list(cfg.ruler_value_types), cfg.ruler_max_new_tokens]
+    for n in cfg.contexts:
+        sub = [c for c in cases if c.context_len == n]
+        calls = passkey.count_calls(sub, cfg.batch_size)
+        for m in methods_at(cfg.methods, n):
+            for mode in cfg.modes:
+                key = ["ruler", n, m.label, mode, setting]
+                got = ckpt.get(key)
+                if got is None:
+                    try:
+                        got = ruler.run_ruler(model, [m], sub, modes=[mode], max_new_tokens=cfg.ruler_max_new_tokens,
+                                              batch_size=cfg.batch_size, codec=codec, progress=bar)
+                    except Exception as e:  # one broken method must not sink a long grid
+                        if not cfg.keep_going:
+                            raise
+                        errors.append(_error("ruler", m.label, e, mode=mode, context=n))
+                        bar.skip(calls)
+                        continue
+                    ckpt.put(key, got)
+                else:
+                    bar.skip(calls)
+                records += got
+    return {"summary": ruler.summarize(records),
+            "by_context": ruler.summarize(records, ("method", "mode", "context")),
+            "records": records}
 
 
 class Checkpoint:
@@ -389,6 +443,9 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
     if payload.get("passkey"):
         parts += ["Passkey accuracy by haystack / number of keys (all contexts):", "",
                   report.passkey_breakdown(payload["passkey"]["records"]), ""]
+    if payload.get("ruler"):
+        parts += ["RULER-style tasks: accuracy (mean string-match-all) per method and mode, per task and context:", "",
+                  report.ruler_table(payload["ruler"]["summary"]), ""]
     if payload.get("eviction_perplexity"):
         parts += ["Decode-time eviction (text 4x longer than the cache):", "",
                   report.eviction_table(payload["eviction_perplexity"]), ""]
@@ -422,8 +479,9 @@ def write_outputs(payload: dict, cfg: EvalConfig) -> dict:
     base = os.path.join(cfg.out, cfg.name)
     ctx = _table_context(cfg)
     files = {"json": base + ".json", "md": base + ".md"}
-    if payload.get("passkey"):
-        png = report.plot_accuracy_vs_bytes(payload["passkey"]["summary"], base + ".png", context=ctx)
+    if payload.get("passkey") or payload.get("ruler"):
+        png = report.plot_accuracy_vs_bytes(payload.get("passkey", {}).get("summary", []), base + ".png", context=ctx,
+                                            ruler=payload.get("ruler", {}).get("by_context", []))
         if png:
             files["png"] = png
     payload["meta"]["files"] = files
