@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
-from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, with_repeat_prompt
+from pikv_jax.cache.policies.expected_attention import ExpectedAttention
+from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, map_policies, with_repeat_prompt
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.intmath import round_up
@@ -290,10 +291,13 @@ class PiKVModel:
                                 prompt_lengths=[len(p) for p in ids], stats=stats)
 
     def _resolve_policy(self, policy: CachePolicy | None) -> CachePolicy:
-        """The given policy or the model's default, with KVzip's repeat instruction encoded by this
-        model's tokenizer when the policy contains a KVzip without one (no tokenizer: the repeat
-        input is the bare context)."""
+        """The given policy or the model's default, bound to this model: KVzip's repeat instruction
+        encoded by its tokenizer when a KVzip inside has none (no tokenizer: the repeat input is the
+        bare context), and the query-head count a decode-evicting Expected Attention needs."""
         policy = self.policy if policy is None else policy
+        heads = self.config.num_attention_heads
+        policy = map_policies(policy, lambda p: dataclasses.replace(p, num_query_heads=heads)
+                              if isinstance(p, ExpectedAttention) and p.decode_evict and not p.num_query_heads else p)
         kvzip = context_scorer(policy)
         if kvzip is not None and not kvzip.repeat_prompt_ids and self.tokenizer is not None:
             policy = with_repeat_prompt(policy, self.tokenizer.encode(REPEAT_INSTRUCTION, add_bos=False))

@@ -39,7 +39,7 @@ from pikv_jax.cache.policies.base import PrefillContext, protected_mask
 from pikv_jax.cache.policies.streaming_llm import StreamingLLM
 from pikv_jax.cache.quantized import QuantizedLayerCache, init_quantized_layer
 from pikv_jax.cache.state import EMPTY, LayerCache
-from pikv_jax.compress.wrapper import WrapperPolicy, decode_owner
+from pikv_jax.compress.wrapper import WrapperPolicy, check_decode_scores, decode_owner
 from pikv_jax.intmath import round_up
 from pikv_jax.kernels import quant
 
@@ -100,6 +100,7 @@ class QuantizedPolicy(WrapperPolicy):
                              f"group_size={self.group_size}")
         if self.inner.stores_raw_keys:
             raise ValueError("quantization stores keys after RoPE; it cannot wrap a policy that re-indexes positions")
+        check_decode_scores(self.inner, "quantization")
         object.__setattr__(self, "group_reduce", self.inner.group_reduce)
 
     @property

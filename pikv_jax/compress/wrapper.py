@@ -24,9 +24,17 @@ from pikv_jax.cache.state import LayerCache, init_layer_cache
 UNSUPPORTED_INNER = ("quest", "adakv", "duo_attention", "kivi", "lowrank", "per_layer")
 
 
+def check_decode_scores(inner: CachePolicy, what: str) -> None:
+    """Rejects inner policies whose decode-time scores read the full-precision uniform cache."""
+    if inner.name == "expected_attention" and inner.decode_evict:
+        raise ValueError(f"{what} cannot wrap expected_attention with decode_evict (its decode scores read keys "
+                         f"in full precision); use expected_attention at prefill, e.g. expected_attention+h2o")
+
+
 def check_inner(inner: CachePolicy, what: str) -> None:
     if inner.stores_raw_keys:
         raise ValueError(f"{what} stores keys after RoPE; it cannot wrap a policy that re-indexes positions")
+    check_decode_scores(inner, what)
     if inner.name in UNSUPPORTED_INNER:
         raise ValueError(f"{what} cannot wrap the {inner.name!r} policy (it needs its own cache layout); "
                          f"use an eviction policy such as h2o, snapkv, streaming_llm or tova")

@@ -87,6 +87,8 @@ def tiny_options(cls, num_layers: int = NUM_LAYERS) -> dict:
     opts = {k: v for k, v in TINY_OPTIONS.items() if k in fields}
     if "num_layers" in fields:
         opts["num_layers"] = num_layers
+    if "num_query_heads" in fields:  # Expected Attention's decode-time statistics
+        opts["num_query_heads"] = tiny_model(num_layers)[0].num_attention_heads
     if "pattern" in fields:  # DuoAttention: one retrieval and one streaming KV head per layer
         opts["pattern"] = tuple((l % 2 == 0, l % 2 == 1) for l in range(num_layers))
     w = fields.get("window")

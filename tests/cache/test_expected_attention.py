@@ -10,11 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pikv_jax.api import PiKVModel
 from pikv_jax.attention.rope import rope_inv_freq, rotate
 from pikv_jax.cache.policies import AdaKV, ExpectedAttention, Knorm, SnapKV, make_policy
 from pikv_jax.cache.policies.base import PrefillContext
 from pikv_jax.cache.policies.expected_attention import averaged_rope
 from pikv_jax.cache.pooled import PooledLayerCache
+from pikv_jax.compress.kivi import QuantizedPolicy
+from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
 
 
@@ -109,10 +112,36 @@ def test_needs_queries_before_rope():
 
 @pytest.mark.parametrize("kwargs, match", [({"n_future_positions": 0}, "n_future_positions must be"),
                                            ({"epsilon": -1.0}, "epsilon must be >= 0"),
-                                           ({"decode_evict": True}, "compose it with a decode-time policy")])
+                                           ({"num_query_heads": -2}, "num_query_heads must be")])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ExpectedAttention(budget_ratio=0.5, **kwargs)
+
+
+def test_decode_eviction_needs_the_query_heads():
+    with pytest.raises(ValueError, match="needs num_query_heads, a multiple of the 2 KV heads"):
+        ExpectedAttention(budget_tokens=8, decode_evict=True).init_layer_cache(0, 1, 2, 8, 16, jnp.float32)
+    with pytest.raises(ValueError, match="cannot wrap expected_attention with decode_evict"):
+        QuantizedPolicy(bits=4, inner=ExpectedAttention(budget_tokens=64, decode_evict=True, num_query_heads=6))
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_decode_eviction_scores_match_numpy_reference(step):
+    """With decode_evict the cache keeps the prompt's statistics; at decode every resident key is
+    re-scored with the future window starting after the token being written (position q_pos + 1)."""
+    ctx, (q, k, v, pos, lens, inv_freq) = _context(7)
+    policy = ExpectedAttention(budget_tokens=64, decode_evict=True, num_query_heads=6, epsilon=1e-2)
+    cache = policy.init_layer_cache(0, 2, 2, 24, 16, jnp.float32)
+    cache = jax.jit(lambda c: policy.prefill(0, c, ctx))(cache)
+    q_pos = jnp.asarray(lens + step - 1, jnp.int32)  # the token being written at this step
+    got = np.asarray(jax.jit(lambda c: policy.eviction_scores(0, c, q_pos))(cache))
+    want = np_expected_attention(q, k, v, pos, lens + step, inv_freq, n_sink=4, n_future=512, epsilon=1e-2)
+    slot_pos = np.asarray(cache.pos)
+    for b in range(2):
+        for h in range(2):
+            real = slot_pos[b, h] >= 0
+            np.testing.assert_allclose(got[b, h][real], want[b, h][slot_pos[b, h][real]], rtol=2e-4, atol=1e-6)
+            assert np.all(np.isinf(got[b, h][~real]))
 
 
 # ------------------------------------------------------------------ adakv(<scorer>)
@@ -170,3 +199,14 @@ def test_adakv_spec_and_bad_scorer():
         make_policy("adakv", scorer="full", budget_ratio=0.5)
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
         parse_method("adakv(nope)@0.25")
+
+
+def test_generate_binds_the_query_heads_and_holds_the_budget():
+    """PiKVModel fills num_query_heads; under decode-time eviction every layer and head holds exactly
+    the budget once the cache is full."""
+    model = PiKVModel.from_config(tiny_config(num_hidden_layers=2))
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 90, n).tolist() for n in (30, 18)]
+    out = model.generate(prompts, 12, policy=ExpectedAttention(budget_tokens=16, decode_evict=True), stop_ids=())
+    assert [len(t) for t in out.token_ids] == [12, 12]
+    assert out.stats["kept_tokens"] == 2 * 16

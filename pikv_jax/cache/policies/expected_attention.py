@@ -15,11 +15,16 @@ Steps, per row, layer and query head h:
    (a key's effect on the output scales with its value's norm; epsilon keeps tokens with tiny
    expected attention from all tying at 0).
 
-Prefill selection only (like SnapKV): decoded tokens are appended; compose with a decode-time policy
-(`expected_attention+h2o@0.25`) to evict while decoding. The scores need the queries before RoPE and
-the model's RoPE frequencies, which the forward pass gives every policy (`PrefillContext.q_raw`,
-`inv_freq`). Query-agnostic by construction: the statistics come from the whole prompt, not from a
-question at its end, so the same selection serves any later question.
+At prefill the top-budget prompt tokens are kept. With `decode_evict=True` the cache also holds the
+prompt's query statistics (mean f32[B, H, D] and covariance f32[B, H, D, D] per layer: H x D x (D + 1)
+floats a row, counted in the cache's bytes) and, whenever a token must go, re-scores every resident
+key with the future window moved to the current position, evicting the lowest; this costs a
+[C x D x D] quadratic form per query head and step, so `evict_every` > 1 amortises it. The number
+of query heads must then be known when the cache is built (`num_query_heads`, which `PiKVModel` and
+`parse_method` fill from the model). The scores need the queries before RoPE and the model's RoPE
+frequencies, which the forward pass gives every policy (`PrefillContext.q_raw`, `inv_freq`).
+Query-agnostic by construction: the statistics come from the whole prompt, not from a question at
+its end, so the same selection serves any later question.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from pikv_jax.attention.reference import reduce_group
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
@@ -66,27 +71,33 @@ def query_statistics(q_raw: Float[Array, "b s h d"], pos: Int[Array, "b s"], n_s
     return mu, cov
 
 
-def expected_attention_scores(k: Float[Array, "b s hk d"], v: Float[Array, "b s hk d"], pos: Int[Array, "b s"],
+def expected_attention_scores(k: Float[Array, "b hk s d"], v: Float[Array, "b hk s d"], valid: Bool[Array, "b hk s"],
                               mu: Float[Array, "b h d"], cov: Float[Array, "b h d d"] | None, *,
                               group_reduce: str = "mean", epsilon: float = 0.0,
                               use_vnorm: bool = True) -> Float[Array, "b hk s"]:
-    """Steps 3-4 of the module docstring for already-rotated statistics; padding scores -inf."""
-    b, s, hk, d = k.shape
+    """Steps 3-4 of the module docstring for already-rotated statistics (keys heads-first, as the
+    cache stores them; `valid` marks real tokens); invalid entries score -inf."""
+    b, hk, s, d = k.shape
     g = mu.shape[1] // hk
     k32 = k.astype(jnp.float32)
     mu = mu.reshape(b, hk, g, d)
-    logits = jnp.einsum("bshd,bhgd->bhgs", k32, mu) * d ** -0.5
+    logits = jnp.einsum("bhsd,bhgd->bhgs", k32, mu) * d ** -0.5
     if cov is not None:
         cov = cov.reshape(b, hk, g, d, d)
-        logits = logits + jnp.einsum("bshd,bhgde,bshe->bhgs", k32, cov, k32) / (2 * d)
-    valid = (pos >= 0)[:, None, None, :]
-    probs = jnp.where(valid, jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1), 0.0)
+        logits = logits + jnp.einsum("bhsd,bhgde,bhse->bhgs", k32, cov, k32) / (2 * d)
+    ok = valid[:, :, None, :]
+    probs = jnp.where(ok, jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1), 0.0)
     scores = reduce_group(probs, group_reduce, axis=2)  # [B, Hkv, S]
-    if use_vnorm:
-        scores = (scores + epsilon) * jnp.swapaxes(key_norms(v), 1, 2)
-    else:
-        scores = scores + epsilon
-    return jnp.where(pos[:, None, :] >= 0, scores, -jnp.inf)
+    scores = (scores + epsilon) * key_norms(v) if use_vnorm else scores + epsilon
+    return jnp.where(valid, scores, -jnp.inf)
+
+
+def rotated_statistics(mu, cov, start, n_future: int, inv_freq, use_covariance: bool):
+    """Query statistics moved to the future window start..start+n-1 (step 2 of the docstring)."""
+    rot = averaged_rope(start, n_future, inv_freq)  # [B, D, D]
+    mu = jnp.einsum("bde,bhe->bhd", rot, mu)
+    cov = jnp.einsum("bde,bhef,bgf->bhdg", rot, cov, rot) if use_covariance else None
+    return mu, cov
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,22 +106,23 @@ class ExpectedAttention(CachePolicy):
     expected attention before the value-norm weighting, default 0 (the public leaderboard's AdaKV
     configuration uses 1e-2). use_covariance: include the k^T Sigma k / 2d term, default True.
     use_vnorm: multiply by ||v||, default True. n_sink: first positions always kept and left out of
-    the query statistics, default 4. decode_evict must stay False (decoded tokens are appended)."""
+    the query statistics, default 4. decode_evict: evict at decode time by the same scores (module
+    docstring); needs num_query_heads, the model's query heads (filled by PiKVModel)."""
 
     name: ClassVar[str] = "expected_attention"
     n_future_positions: int = 512
     epsilon: float = 0.0
     use_covariance: bool = True
     use_vnorm: bool = True
+    num_query_heads: int = 0
 
     def __post_init__(self):
         if not isinstance(self.n_future_positions, int) or self.n_future_positions < 1:
             raise ValueError(f"n_future_positions must be an integer >= 1, got {self.n_future_positions!r}")
         if self.epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {self.epsilon}")
-        if self.decode_evict:
-            raise ValueError("expected_attention scores tokens only at prefill, so it cannot evict at decode time; "
-                             "compose it with a decode-time policy (e.g. expected_attention+h2o@0.25)")
+        if not isinstance(self.num_query_heads, int) or self.num_query_heads < 0:
+            raise ValueError(f"num_query_heads must be an integer >= 0, got {self.num_query_heads!r}")
         super().__post_init__()
 
     def prefill_scores(self, layer: int, ctx: PrefillContext):
@@ -118,8 +130,40 @@ class ExpectedAttention(CachePolicy):
             raise ValueError("expected_attention needs the queries before RoPE and the RoPE frequencies "
                              "(PrefillContext.q_raw and inv_freq); the model's forward pass provides them")
         mu, cov = query_statistics(ctx.q_raw, ctx.pos, self.n_sink)
-        rot = averaged_rope(ctx.lengths, self.n_future_positions, ctx.inv_freq)  # [B, D, D]
-        mu = jnp.einsum("bde,bhe->bhd", rot, mu)
-        cov = jnp.einsum("bde,bhef,bgf->bhdg", rot, cov, rot) if self.use_covariance else None
-        return expected_attention_scores(ctx.k, ctx.v, ctx.pos, mu, cov, group_reduce=self.group_reduce,
+        mu, cov = rotated_statistics(mu, cov, ctx.lengths, self.n_future_positions, ctx.inv_freq, self.use_covariance)
+        hk = ctx.k.shape[2]
+        valid = jnp.broadcast_to((ctx.pos >= 0)[:, None, :], (ctx.pos.shape[0], hk, ctx.pos.shape[1]))
+        return expected_attention_scores(jnp.swapaxes(ctx.k, 1, 2), jnp.swapaxes(ctx.v, 1, 2), valid, mu, cov,
+                                         group_reduce=self.group_reduce, epsilon=self.epsilon,
+                                         use_vnorm=self.use_vnorm)
+
+    # ------------------------------------------------------------------ decode-time eviction
+
+    def init_layer_cache(self, layer, batch, num_kv_heads, capacity, head_dim, dtype):
+        cache = super().init_layer_cache(layer, batch, num_kv_heads, capacity, head_dim, dtype)
+        if not self.decode_evict:
+            return cache
+        h = self.num_query_heads
+        if h < num_kv_heads or h % num_kv_heads:
+            raise ValueError(f"expected_attention with decode_evict needs num_query_heads, a multiple of the "
+                             f"{num_kv_heads} KV heads (got {h}); PiKVModel and parse_method(model=...) fill it")
+        return cache.replace(extra=dict(q_mean=jnp.zeros((batch, h, head_dim), jnp.float32),
+                                        q_cov=jnp.zeros((batch, h, head_dim, head_dim), jnp.float32),
+                                        inv_freq=jnp.zeros((batch, head_dim // 2), jnp.float32)))
+
+    def prefill(self, layer: int, cache, ctx: PrefillContext, *, scores=None):
+        cache = super().prefill(layer, cache, ctx, scores=scores)
+        if not self.decode_evict:
+            return cache
+        mu, cov = query_statistics(ctx.q_raw, ctx.pos, self.n_sink)
+        freq = jnp.broadcast_to(ctx.inv_freq.astype(jnp.float32), (mu.shape[0], ctx.inv_freq.shape[0]))
+        return cache.replace(extra=dict(q_mean=mu, q_cov=cov, inv_freq=freq))
+
+    def eviction_scores(self, layer: int, cache, q_pos):
+        """Expected attention of every resident key under the prompt's statistics, the future window
+        starting after the token being written."""
+        ex = cache.extra
+        mu, cov = rotated_statistics(ex["q_mean"], ex["q_cov"], q_pos + 1, self.n_future_positions,
+                                     ex["inv_freq"][0], self.use_covariance)
+        return expected_attention_scores(cache.k, cache.v, cache.pos >= 0, mu, cov, group_reduce=self.group_reduce,
                                          epsilon=self.epsilon, use_vnorm=self.use_vnorm)

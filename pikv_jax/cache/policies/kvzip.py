@@ -72,15 +72,22 @@ def context_scorer(policy: CachePolicy) -> KVzip | None:
     return None
 
 
+def map_policies(policy: CachePolicy, fn) -> CachePolicy:
+    """`policy` with `fn` applied to it and to every policy nested in it (AdaKV's scorer, a
+    Composite's two policies, a wrapper's inner policy), rebuilt bottom-up."""
+    changes = {}
+    for attr in ("scorer", "prefill_policy", "decode_policy", "inner"):
+        sub = getattr(policy, attr, None)
+        if isinstance(sub, CachePolicy):
+            new = map_policies(sub, fn)
+            if new is not sub:
+                changes[attr] = new
+    if changes:
+        policy = dataclasses.replace(policy, **changes)
+    return fn(policy)
+
+
 def with_repeat_prompt(policy: CachePolicy, ids) -> CachePolicy:
     """`policy` with every KVzip inside it given the repeat-instruction token ids (others unchanged)."""
-    if isinstance(policy, KVzip):
-        return dataclasses.replace(policy, repeat_prompt_ids=tuple(ids))
-    changes = {}
-    for attr in ("scorer", "prefill_policy", "inner"):
-        sub = getattr(policy, attr, None)
-        if isinstance(sub, CachePolicy) and context_scorer(sub) is not None:
-            changes[attr] = with_repeat_prompt(sub, ids)
-    if changes:
-        return dataclasses.replace(policy, **changes)
-    return policy
+    ids = tuple(int(t) for t in ids)
+    return map_policies(policy, lambda p: dataclasses.replace(p, repeat_prompt_ids=ids) if isinstance(p, KVzip) else p)
