@@ -135,7 +135,7 @@ class PiKVModel:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
-        policy = self._resolve_policy(policy)
+        policy = self.bind_policy(policy)
         ids = self._prompt_ids(prompts, chat=chat, system=system)
         pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
         tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=self._prompt_width(ids))
@@ -290,7 +290,7 @@ class PiKVModel:
                                 finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
                                 prompt_lengths=[len(p) for p in ids], stats=stats)
 
-    def _resolve_policy(self, policy: CachePolicy | None) -> CachePolicy:
+    def bind_policy(self, policy: CachePolicy | None) -> CachePolicy:
         """The given policy or the model's default, bound to this model: KVzip's repeat instruction
         encoded by its tokenizer when a KVzip inside has none (no tokenizer: the repeat input is the
         bare context), and the query-head count a decode-evicting Expected Attention needs."""
@@ -312,7 +312,7 @@ class PiKVModel:
         full log-softmax f32[B, T, V] before each continuation token with `full_logprobs`), and the
         continuation lengths i32[B]. Position t of row b is valid for t < lengths[b].
         """
-        policy = self._resolve_policy(policy)
+        policy = self.bind_policy(policy)
         ids = self._prompt_ids(prompts, chat=False, system=None)
         conts = [self.encode(c) if isinstance(c, str) else [int(t) for t in c] for c in continuations]
         if len(conts) != len(ids):

@@ -1,11 +1,15 @@
 """Which of the passkey needle's digit tokens does a policy keep after prefill, per layer and KV head?
 
     python scripts/trace_needle_residency.py --policies snapkv,h2o,tova --budget 0.5 --context 2048
+    python scripts/trace_needle_residency.py --policies snapkv,pyramidkv,adakv,tova,expected_attention,kvzip \
+        --budget 0.25 --mode query_agnostic --out benchmarks/needle-residency-2k.json
 
-Builds the query-aware passkey prompts of the evaluation (depths 10/50/90%, repetitive and varied
-haystacks), prefills them into each policy's cache and prints, per case, the share of digit tokens
-resident in each layer (mean over KV heads), then the mean over cases, layers and heads. Used to read
-why a policy that keeps the needle's tokens still fails the retrieval (README, policy table notes).
+Builds the passkey prompts of the evaluation (depths 10/50/90%, repetitive and varied haystacks; the
+context and question for query_aware, the context alone for query_agnostic), prefills them into each
+policy's cache and prints, per case, the share of digit tokens resident in each layer (mean over KV
+heads), then the mean over cases, layers and heads and the share of (layer, KV head) pairs that hold
+every digit. Any layout (uniform, pooled) is read through `head_positions()`. Used to read why a policy
+that keeps many of the needle's tokens still fails the retrieval (README, policy table notes).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.api import PiKVModel
+from pikv_jax.bench import write_json
 from pikv_jax.cache.policies import make_policy
-from pikv_jax.cache.state import init_cache
+from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.eval import passkey as pk
 from pikv_jax.eval.methods import _parse_options
 from pikv_jax.runtime.forward import prefill
@@ -29,17 +34,17 @@ def digit_positions(codec, case) -> list[int]:
     return [case.needle_start + i for i, t in enumerate(needle) if codec.decode([t]).strip().isdigit()]
 
 
-def residency(model, policy, case, digits) -> np.ndarray:
+def residency(model, policy, case, digits, mode: str) -> np.ndarray:
     """f32[L, Hkv]: share of `digits` resident in each layer / KV head after prefill."""
     cfg = model.config
-    toks = list(case.context) + list(case.question)
+    toks = list(case.context) + (list(case.question) if mode == "query_aware" else [])
     caps = tuple(policy.capacity_for(i, len(toks), 8) for i in range(cfg.num_hidden_layers))
-    cache = init_cache(1, caps, num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                       head_dim=cfg.dim_per_head, dtype=model.cache_dtype)
+    cache = init_policy_cache(policy, 1, caps, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head,
+                              dtype=model.cache_dtype)
     _, out = jax.jit(lambda t, n, c: prefill(model.model, t, n, c, policy))(
         jnp.asarray([toks], jnp.int32), jnp.asarray([len(toks)], jnp.int32), cache)
-    return np.array([[np.isin(digits, np.asarray(layer.pos[0, h])).mean() for h in range(layer.pos.shape[1])]
-                     for layer in out.layers])
+    heads = [np.asarray(layer.head_positions())[0] for layer in out.layers]  # [Hkv, C] per layer
+    return np.array([[np.isin(digits, pos[h]).mean() for h in range(pos.shape[0])] for pos in heads])
 
 
 def main(argv=None) -> int:
@@ -47,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default="snapkv,snapkv(obs_window=16),h2o,tova")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--mode", choices=("query_aware", "query_agnostic"), default="query_aware")
+    ap.add_argument("--out", default=None, help="JSON with per-policy, per-case, per-layer and per-head residency")
     args = ap.parse_args(argv)
     from pikv_jax.eval.methods import _split_top
 
@@ -54,18 +61,27 @@ def main(argv=None) -> int:
     codec = pk.codec_for(model)
     cases = pk.build_cases(codec, contexts=[args.context], depths=[0.1, 0.5, 0.9], seeds=[0],
                            haystacks=["repetitive", "varied"], keys=[1])
+    report = dict(context=args.context, budget=args.budget, mode=args.mode, policies={})
     for spec in _split_top(args.policies):
         name, _, opts = spec.partition("(")
-        policy = make_policy(name, budget_ratio=args.budget, **_parse_options(opts.rstrip(")") or None, spec))
+        options = _parse_options(opts.rstrip(")") or None, spec, takes_scorer=name == "adakv")
+        policy = model.bind_policy(make_policy(name, budget_ratio=args.budget, **options))
         per_case = []
         for case in cases:
-            r = residency(model, policy, case, digit_positions(codec, case))
+            r = residency(model, policy, case, digit_positions(codec, case), args.mode)
             per_case.append(r)
             print(f"{spec:24s} {case.haystack:10s} depth {case.depth:.1f}: per layer "
                   f"{np.round(r.mean(axis=1), 2).tolist()}", flush=True)
         r = np.stack(per_case)
         print(f"== {spec}@{args.budget:g}: digits resident {r.mean():.3f} (mean over cases, layers, heads); "
               f"layer-heads holding every digit {(r == 1).mean():.3f}", flush=True)
+        report["policies"][spec] = dict(
+            digits_resident=float(r.mean()), layer_heads_with_every_digit=float((r == 1).mean()),
+            per_layer=np.round(r.mean(axis=(0, 2)), 3).tolist(),
+            cases=[dict(haystack=c.haystack, depth=c.depth, per_layer_head=np.round(x, 3).tolist())
+                   for c, x in zip(cases, per_case)])
+    if args.out:
+        write_json(args.out, report)
     return 0
 
 
