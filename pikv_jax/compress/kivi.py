@@ -101,6 +101,10 @@ class QuantizedPolicy(WrapperPolicy):
         if self.inner.stores_raw_keys:
             raise ValueError("quantization stores keys after RoPE; it cannot wrap a policy that re-indexes positions")
         check_decode_scores(self.inner, "quantization")
+        if self.inner.layout != "uniform":
+            raise ValueError(f"quantization cannot wrap {self.inner.label} (it stores its own {self.inner.layout} "
+                             f"layout); allowed: policies of the uniform layout (h2o, snapkv, tova, kvzip, "
+                             f"expected_attention, streaming_llm, ...)")
         object.__setattr__(self, "group_reduce", self.inner.group_reduce)
 
     @property

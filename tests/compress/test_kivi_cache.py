@@ -16,7 +16,7 @@ from compress_helpers import random_prompts, run_trace, tiny_model, true_kv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pikv_jax.cache.policies import H2O, CachePolicy, StreamingLLM, make_policy
+from pikv_jax.cache.policies import H2O, AdaKV, CachePolicy, Knorm, StreamingLLM, make_policy
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.cache.quantized import QuantizedLayerCache
 from pikv_jax.compress import QuantizedCompressor
@@ -272,3 +272,12 @@ def test_sinks_and_recent_window_always_resident(g, rings, budget, n_sink, recen
                 must = set(range(min(n_sink, t + 1))) | set(range(max(t - window + 1, 0), t + 1))
                 assert must <= set(res), (t, b, h, sorted(must - set(res)))
     assert ok_hist[:, 0].any()
+
+
+@pytest.mark.parametrize("inner", [AdaKV(budget_ratio=0.25), AdaKV(budget_ratio=0.25, scorer=Knorm())],
+                         ids=lambda p: p.label)
+def test_pooled_inner_policies_are_refused_clearly(inner):
+    """KIVI stores the uniform layout's slots; a pooled policy (AdaKV) cannot be wrapped, and the
+    error says so instead of a pool-size mismatch deep in the prefill."""
+    with pytest.raises(ValueError, match="cannot wrap adakv.* pooled layout"):
+        QuantizedPolicy(bits=4, inner=inner)
