@@ -33,7 +33,8 @@ def np_rope_matrix(p: int, inv_freq: np.ndarray) -> np.ndarray:
 
 def np_expected_attention(q_raw, k, v, pos, lengths, inv_freq, *, n_sink, n_future, epsilon, use_cov=True,
                           use_vnorm=True):
-    """f64[B, Hkv, S]: the method as published (Devoto et al., 2025), one row and head at a time."""
+    """f64[B, Hkv, S]: the method as published (Devoto et al., 2025) and as kvpress applies it (the
+    softmax over the non-sink keys; sinks kept, +inf), one row and head at a time."""
     b, s, h, d = q_raw.shape
     hk = k.shape[2]
     g = h // hk
@@ -44,6 +45,10 @@ def np_expected_attention(q_raw, k, v, pos, lengths, inv_freq, *, n_sink, n_futu
         if not use.any():
             use = real
         rbar = np.mean([np_rope_matrix(lengths[r] + t, inv_freq) for t in range(n_future)], axis=0)
+        scored = real & (pos[r] >= n_sink)
+        out[r, :, real & (pos[r] < n_sink)] = np.inf
+        if not scored.any():
+            continue
         for kh in range(hk):
             probs = []
             for qh in range(kh * g, (kh + 1) * g):
@@ -51,14 +56,14 @@ def np_expected_attention(q_raw, k, v, pos, lengths, inv_freq, *, n_sink, n_futu
                 mu = qs.mean(0)
                 cov = (qs - mu).T @ (qs - mu) / len(qs)
                 mu, cov = rbar @ mu, rbar @ cov @ rbar.T
-                keys = k[r, real, kh].astype(np.float64)
+                keys = k[r, scored, kh].astype(np.float64)
                 logit = keys @ mu / np.sqrt(d) + (np.einsum("sd,de,se->s", keys, cov, keys) / (2 * d) if use_cov else 0)
                 e = np.exp(logit - logit.max())
                 probs.append(e / e.sum())
             p = np.mean(probs, axis=0) + epsilon
             if use_vnorm:
-                p = p * np.linalg.norm(v[r, real, kh].astype(np.float64), axis=-1)
-            out[r, kh, real] = p
+                p = p * np.linalg.norm(v[r, scored, kh].astype(np.float64), axis=-1)
+            out[r, kh, scored] = p
     return out
 
 
@@ -88,7 +93,7 @@ def test_scores_match_numpy_reference(seed, n_future, epsilon, n_sink, use_cov, 
     got = np.asarray(jax.jit(lambda: policy.prefill_scores(0, ctx))())
     want = np_expected_attention(q, k, v, pos, lens, inv_freq, n_sink=n_sink, n_future=n_future, epsilon=epsilon,
                                  use_cov=use_cov, use_vnorm=use_vnorm)
-    assert np.array_equal(np.isinf(got), np.isinf(want))
+    assert np.array_equal(np.isinf(got), np.isinf(want)) and np.array_equal(got[np.isinf(want)], want[np.isinf(want)])
     np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=2e-4, atol=1e-6)
 
 

@@ -14,6 +14,9 @@ Steps, per row, layer and query head h:
 4. Mean over the GQA group (`group_reduce`), then (p_j + epsilon) * ||v_j|| when `use_vnorm`
    (a key's effect on the output scales with its value's norm; epsilon keeps tokens with tiny
    expected attention from all tying at 0).
+The sinks (positions < n_sink) are always kept and are left out of the softmax, as in kvpress:
+they draw most of the expected attention in many heads, and inside the normaliser they would shrink
+those heads' share of the GQA mean; they score +inf.
 
 At prefill the top-budget prompt tokens are kept. With `decode_evict=True` the cache also holds the
 prompt's query statistics (mean f32[B, H, D] and covariance f32[B, H, D, D] per layer: H x D x (D + 1)
@@ -71,12 +74,13 @@ def query_statistics(q_raw: Float[Array, "b s h d"], pos: Int[Array, "b s"], n_s
     return mu, cov
 
 
-def expected_attention_scores(k: Float[Array, "b hk s d"], v: Float[Array, "b hk s d"], valid: Bool[Array, "b hk s"],
-                              mu: Float[Array, "b h d"], cov: Float[Array, "b h d d"] | None, *,
+def expected_attention_scores(k: Float[Array, "b hk s d"], v: Float[Array, "b hk s d"], pos: Int[Array, "b hk s"],
+                              mu: Float[Array, "b h d"], cov: Float[Array, "b h d d"] | None, *, n_sink: int,
                               group_reduce: str = "mean", epsilon: float = 0.0,
                               use_vnorm: bool = True) -> Float[Array, "b hk s"]:
     """Steps 3-4 of the module docstring for already-rotated statistics (keys heads-first, as the
-    cache stores them; `valid` marks real tokens); invalid entries score -inf."""
+    cache stores them; `pos` their positions, -1 = empty). Sinks score +inf, empty slots -inf."""
+    valid = (pos >= 0) & (pos >= n_sink)
     b, hk, s, d = k.shape
     g = mu.shape[1] // hk
     k32 = k.astype(jnp.float32)
@@ -89,7 +93,7 @@ def expected_attention_scores(k: Float[Array, "b hk s d"], v: Float[Array, "b hk
     probs = jnp.where(ok, jax.nn.softmax(jnp.where(ok, logits, -jnp.inf), axis=-1), 0.0)
     scores = reduce_group(probs, group_reduce, axis=2)  # [B, Hkv, S]
     scores = (scores + epsilon) * key_norms(v) if use_vnorm else scores + epsilon
-    return jnp.where(valid, scores, -jnp.inf)
+    return jnp.where(valid, scores, jnp.where((pos >= 0) & (pos < n_sink), jnp.inf, -jnp.inf))
 
 
 def rotated_statistics(mu, cov, start, n_future: int, inv_freq, use_covariance: bool):
@@ -132,9 +136,9 @@ class ExpectedAttention(CachePolicy):
         mu, cov = query_statistics(ctx.q_raw, ctx.pos, self.n_sink)
         mu, cov = rotated_statistics(mu, cov, ctx.lengths, self.n_future_positions, ctx.inv_freq, self.use_covariance)
         hk = ctx.k.shape[2]
-        valid = jnp.broadcast_to((ctx.pos >= 0)[:, None, :], (ctx.pos.shape[0], hk, ctx.pos.shape[1]))
-        return expected_attention_scores(jnp.swapaxes(ctx.k, 1, 2), jnp.swapaxes(ctx.v, 1, 2), valid, mu, cov,
-                                         group_reduce=self.group_reduce, epsilon=self.epsilon,
+        pos = jnp.broadcast_to(ctx.pos[:, None, :], (ctx.pos.shape[0], hk, ctx.pos.shape[1]))
+        return expected_attention_scores(jnp.swapaxes(ctx.k, 1, 2), jnp.swapaxes(ctx.v, 1, 2), pos, mu, cov,
+                                         n_sink=self.n_sink, group_reduce=self.group_reduce, epsilon=self.epsilon,
                                          use_vnorm=self.use_vnorm)
 
     # ------------------------------------------------------------------ decode-time eviction
@@ -165,5 +169,6 @@ class ExpectedAttention(CachePolicy):
         ex = cache.extra
         mu, cov = rotated_statistics(ex["q_mean"], ex["q_cov"], q_pos + 1, self.n_future_positions,
                                      ex["inv_freq"][0], self.use_covariance)
-        return expected_attention_scores(cache.k, cache.v, cache.pos >= 0, mu, cov, group_reduce=self.group_reduce,
-                                         epsilon=self.epsilon, use_vnorm=self.use_vnorm)
+        return expected_attention_scores(cache.k, cache.v, cache.pos, mu, cov, n_sink=self.n_sink,
+                                         group_reduce=self.group_reduce, epsilon=self.epsilon,
+                                         use_vnorm=self.use_vnorm)
