@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from pikv_jax.attention.reference import reduce_group
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
