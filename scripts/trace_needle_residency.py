@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     for spec in _split_top(args.policies):
         name, _, opts = spec.partition("(")
         options = _parse_options(opts.rstrip(")") or None, spec, takes_scorer=name == "adakv")
-        policy = model.bind_policy(make_policy(name, budget_ratio=args.budget, **options))
+        layers = model.config.num_hidden_layers
+        policy = model.bind_policy(make_policy(name, num_layers=layers, budget_ratio=args.budget, **options))
         per_case = []
         for case in cases:
             r = residency(model, policy, case, digit_positions(codec, case), args.mode)
