@@ -127,8 +127,25 @@ def make_haystack(codec, name: str, *, text: str | None = None) -> Haystack:
 
 # ---------------------------------------------------------------------------------------------- cases
 
+class PromptCase:
+    """What passkey and RULER cases share: `context` and `question` token ids (fields of the
+    dataclasses below) and the prompts built from them."""
+
+    context: tuple[int, ...]
+    question: tuple[int, ...]
+
+    @property
+    def context_len(self) -> int:
+        return len(self.context)
+
+    @property
+    def prompt(self) -> list[int]:
+        """The query-aware prompt: context followed by the question."""
+        return list(self.context) + list(self.question)
+
+
 @dataclasses.dataclass(frozen=True)
-class PasskeyCase:
+class PasskeyCase(PromptCase):
     """One retrieval prompt. `context` has exactly `context_len` ids; `answer` is the key's digits.
 
     depth: requested depth of the target needle; actual_depth: where it landed after snapping to a
@@ -147,15 +164,6 @@ class PasskeyCase:
     seed: int
     haystack: str
     n_keys: int
-
-    @property
-    def context_len(self) -> int:
-        return len(self.context)
-
-    @property
-    def prompt(self) -> list[int]:
-        """The query-aware prompt: context followed by the question."""
-        return list(self.context) + list(self.question)
 
     def meta(self) -> dict:
         return dict(context=self.context_len, depth=self.depth, actual_depth=round(self.actual_depth, 4),

@@ -47,7 +47,7 @@ _SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
 # ---------------------------------------------------------------------------------------------- cases
 
 @dataclasses.dataclass(frozen=True)
-class RulerCase:
+class RulerCase(passkey.PromptCase):
     """One task prompt. `context` has exactly the requested number of ids; `answers` are the strings
     the output must contain; `body` is the (start, end) token span of the task's material (needle
     haystack, assignment text, word list) after the instruction; `params` the task's parameters."""
@@ -59,15 +59,6 @@ class RulerCase:
     seed: int
     body: tuple[int, int]
     params: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def context_len(self) -> int:
-        return len(self.context)
-
-    @property
-    def prompt(self) -> list[int]:
-        """The query-aware prompt: context followed by the question."""
-        return list(self.context) + list(self.question)
 
     def meta(self) -> dict:
         return dict(task=self.task, context=self.context_len, seed=self.seed, answers=list(self.answers),

@@ -203,23 +203,11 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
                 calls = passkey.count_calls(sub, cfg.batch_size)
                 for m in methods_at(cfg.methods, n):
                     for mode in cfg.modes:
-                        key = ["passkey", n, m.label, mode, setting]
-                        got = ckpt.get(key)
-                        if got is None:
-                            try:
-                                got = passkey.run_passkey(model, [m], sub, modes=[mode],
-                                                          max_new_tokens=cfg.max_new_tokens,
-                                                          batch_size=cfg.batch_size, codec=codec, progress=bar)
-                            except Exception as e:  # one broken method must not sink a long grid
-                                if not cfg.keep_going:
-                                    raise
-                                errors.append(_error("passkey", m.label, e, mode=mode, context=n))
-                                bar.skip(calls)
-                                continue
-                            ckpt.put(key, got)
-                        else:
-                            bar.skip(calls)
-                        records += got
+                        records += _checkpointed(
+                            cfg, ckpt, bar, errors, ["passkey", n, m.label, mode, setting], calls,
+                            lambda: passkey.run_passkey(model, [m], sub, modes=[mode],
+                                                        max_new_tokens=cfg.max_new_tokens,
+                                                        batch_size=cfg.batch_size, codec=codec, progress=bar))
             timings["passkey_s"] = time.perf_counter() - t0
             payload["passkey"] = {"summary": passkey.summarize(records),
                                   "by_haystack_keys": passkey.summarize(
@@ -292,22 +280,10 @@ def _run_ruler(cfg: EvalConfig, model, cases: list, methods_at, codec, bar, ckpt
         calls = passkey.count_calls(sub, cfg.batch_size)
         for m in methods_at(cfg.methods, n):
             for mode in cfg.modes:
-                key = ["ruler", n, m.label, mode, setting]
-                got = ckpt.get(key)
-                if got is None:
-                    try:
-                        got = ruler.run_ruler(model, [m], sub, modes=[mode], max_new_tokens=cfg.ruler_max_new_tokens,
-                                              batch_size=cfg.batch_size, codec=codec, progress=bar)
-                    except Exception as e:  # one broken method must not sink a long grid
-                        if not cfg.keep_going:
-                            raise
-                        errors.append(_error("ruler", m.label, e, mode=mode, context=n))
-                        bar.skip(calls)
-                        continue
-                    ckpt.put(key, got)
-                else:
-                    bar.skip(calls)
-                records += got
+                records += _checkpointed(
+                    cfg, ckpt, bar, errors, ["ruler", n, m.label, mode, setting], calls,
+                    lambda: ruler.run_ruler(model, [m], sub, modes=[mode], max_new_tokens=cfg.ruler_max_new_tokens,
+                                            batch_size=cfg.batch_size, codec=codec, progress=bar))
     return {"summary": ruler.summarize(records),
             "by_context": ruler.summarize(records, ("method", "mode", "context")),
             "records": records}
@@ -348,6 +324,27 @@ class Checkpoint:
     def finish(self) -> None:
         if self.path and os.path.exists(self.path):
             os.remove(self.path)
+
+
+def _checkpointed(cfg: EvalConfig, ckpt, bar, errors: list, key: list, calls: int, run) -> list[dict]:
+    """Records of one (task, context, method, mode) unit: from the checkpoint when it was finished
+    before, else from `run()` (then checkpointed). With keep_going a failing unit is recorded in
+    `errors` and yields no records, so one broken method does not sink a long grid."""
+    got = ckpt.get(key)
+    if got is not None:
+        bar.skip(calls)
+        return got
+    try:
+        got = run()
+    except Exception as e:
+        if not cfg.keep_going:
+            raise
+        task, context, method, mode = key[:4]
+        errors.append(_error(task, method, e, mode=mode, context=context))
+        bar.skip(calls)
+        return []
+    ckpt.put(key, got)
+    return got
 
 
 def _error(task: str, method: str, e: Exception, **where) -> dict:
