@@ -41,7 +41,8 @@ from pikv_jax.cache.state import full_bf16_bytes, tree_nbytes
 
 
 class SchedulingPolicy(enum.Enum):
-    """Policies of the seed API (values are `make_policy` names); one member per registered policy."""
+    """Policies of the seed API (values are `make_policy` names); one member per registered policy
+    except those in MODEL_ONLY."""
 
     NONE = "full"
     LRU = "lru"
@@ -58,6 +59,9 @@ class SchedulingPolicy(enum.Enum):
 
 
 _EVICTS_ON_ITS_OWN = ("h2o", "lru", "tova", "knorm", "streaming_llm")
+# policies whose scores need the model itself (queries before RoPE and the RoPE frequencies; a
+# reconstruction pass through every layer), which a standalone manager fed K/V does not have
+MODEL_ONLY = ("expected_attention", "kvzip")
 _BIG = np.iinfo(np.int32).max
 
 
@@ -133,6 +137,11 @@ def manager_policy(policy: SchedulingPolicy | str | CachePolicy, cache_size: int
     if isinstance(policy, CachePolicy):
         return policy
     name = policy_class(policy.value if isinstance(policy, SchedulingPolicy) else str(policy)).name
+    if name in MODEL_ONLY:
+        raise ValueError(f"policy {name!r} scores tokens with the model's own passes, which a standalone "
+                         f"manager fed keys and values does not have; use it through PiKVModel.generate "
+                         f"(policy=make_policy({name!r}, ...)); manager policies: "
+                         f"{', '.join(m.value for m in SchedulingPolicy)}")
     if name == "duo_attention":
         return _duo_policy(cache_size, **options)
     options.pop("num_kv_heads", None)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pikv_jax.cache.policies import POLICIES
-from pikv_jax.scheduling import CacheSchedulingManager, QUESTScheduler, SchedulingPolicy
+from pikv_jax.scheduling import MODEL_ONLY, CacheSchedulingManager, QUESTScheduler, SchedulingPolicy, manager_policy
 
 CACHE, HIDDEN, HKV, H = 8, 8, 2, 4
 D, G = HIDDEN // HKV, H // HKV
@@ -70,9 +70,14 @@ def _reference_hit(k, q, t, positions, quest):
 
 
 def test_every_registered_policy_has_a_member():
-    assert set(POLICIES) <= {m.value for m in SchedulingPolicy}
+    """Every policy a manager can run has a member; the model-only ones are refused clearly."""
+    assert set(POLICIES) - set(MODEL_ONLY) <= {m.value for m in SchedulingPolicy}
+    assert set(MODEL_ONLY) <= set(POLICIES)
     for name in ("QUEST", "ADAKV", "DUOATTENTION"):
         assert SchedulingPolicy[name].value in POLICIES
+    for name in MODEL_ONLY:
+        with pytest.raises(ValueError, match=f"policy '{name}' scores tokens with the model's own passes"):
+            manager_policy(name, 16)
 
 
 @pytest.mark.parametrize("policy", list(SchedulingPolicy), ids=lambda p: p.name)
