@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
+from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache, map_policies
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
-from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, map_policies, with_repeat_prompt
+from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, with_repeat_prompt
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.intmath import round_up

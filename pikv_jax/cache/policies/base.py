@@ -296,6 +296,26 @@ class CachePolicy:
         return cache
 
 
+# fields through which a policy holds other policies (AdaKV's scorer, a Composite's two policies,
+# a compression wrapper's inner policy)
+NESTED_POLICY_FIELDS = ("scorer", "prefill_policy", "decode_policy", "inner")
+
+
+def map_policies(policy: CachePolicy, fn) -> CachePolicy:
+    """`policy` with `fn` applied to it and to every policy nested in it (AdaKV's scorer, a
+    Composite's two policies, a wrapper's inner policy), rebuilt bottom-up."""
+    changes = {}
+    for attr in NESTED_POLICY_FIELDS:
+        sub = getattr(policy, attr, None)
+        if isinstance(sub, CachePolicy):
+            new = map_policies(sub, fn)
+            if new is not sub:
+                changes[attr] = new
+    if changes:
+        policy = dataclasses.replace(policy, **changes)
+    return fn(policy)
+
+
 def select_top(scores, pos, lengths, budget: int, row_budget, *, n_sink: int, window: int):
     """Top-`budget` prompt indices per (row, head) with sinks and the recent window forced in.
 

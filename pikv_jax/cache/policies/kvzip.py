@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
+from pikv_jax.cache.policies.base import NESTED_POLICY_FIELDS, CachePolicy, PrefillContext, map_policies
 
 CONTEXT_SCORES = "context_scores"  # key of PrefillContext.shared: tuple of f32[B, Hkv, S], one per layer
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
@@ -63,28 +63,13 @@ def context_scorer(policy: CachePolicy) -> KVzip | None:
     reconstruction pass only when there is one."""
     if isinstance(policy, KVzip):
         return policy
-    subs = [getattr(policy, a, None) for a in ("scorer", "prefill_policy", "inner")]
+    subs = [getattr(policy, a, None) for a in NESTED_POLICY_FIELDS if a != "decode_policy"]  # prefill scores only
     subs += list(getattr(policy, "policies", ()) or ())
     for sub in subs:
         found = context_scorer(sub) if isinstance(sub, CachePolicy) else None
         if found is not None:
             return found
     return None
-
-
-def map_policies(policy: CachePolicy, fn) -> CachePolicy:
-    """`policy` with `fn` applied to it and to every policy nested in it (AdaKV's scorer, a
-    Composite's two policies, a wrapper's inner policy), rebuilt bottom-up."""
-    changes = {}
-    for attr in ("scorer", "prefill_policy", "decode_policy", "inner"):
-        sub = getattr(policy, attr, None)
-        if isinstance(sub, CachePolicy):
-            new = map_policies(sub, fn)
-            if new is not sub:
-                changes[attr] = new
-    if changes:
-        policy = dataclasses.replace(policy, **changes)
-    return fn(policy)
 
 
 def with_repeat_prompt(policy: CachePolicy, ids) -> CachePolicy:
