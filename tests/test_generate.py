@@ -179,3 +179,20 @@ def test_compiled_programs_are_a_bounded_lru():
     first = next(iter(m._compiled))
     m.generate([[1, 2, 3]], 3, stop_ids=())  # a hit moves its program to the newest end
     assert next(reversed(m._compiled)) == first
+
+
+@pytest.mark.parametrize("policy", [None, "snapkv@0.5"])
+def test_suffixes_of_different_lengths_share_a_batch_row_for_row(tiny_lm, policy):
+    """Questions fed after the compressed context may differ in length within one batch (the eval
+    batches them by context only): each row equals the same context and question run alone."""
+    from pikv_jax.eval.methods import parse_methods
+
+    model, prompts = tiny_lm
+    pol = None if policy is None else parse_methods(policy, num_layers=model.config.num_hidden_layers)[0].policy
+    contexts = [prompts[0][:10], prompts[1][:10], prompts[2][:10]]
+    rng = np.random.default_rng(3)
+    suffixes = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (2, 7, 4)]
+    batch = model.generate(contexts, 5, stop_ids=(), policy=pol, suffixes=suffixes)
+    for i in range(3):
+        alone = model.generate([contexts[i]], 5, stop_ids=(), policy=pol, suffixes=[suffixes[i]])
+        assert batch.token_ids[i] == alone.token_ids[0], i

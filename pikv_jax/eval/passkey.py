@@ -301,11 +301,12 @@ def stats_record(stats: dict, config) -> dict:
 
 
 def _batches(cases: list[PasskeyCase], batch_size: int):
-    """Batches of equal-shaped cases (same context length and question length); the last batch of
-    a group is padded with copies of its last case so every batch has one shape (one compile)."""
-    groups: dict[tuple, list[int]] = {}
+    """Batches of cases with one context length (questions of different lengths are padded per
+    row by `generate`, whose rows are independent); the last batch of a group is padded with copies
+    of its last case so every batch of a context has one shape (one compile per context)."""
+    groups: dict[int, list[int]] = {}
     for i, c in enumerate(cases):
-        groups.setdefault((c.context_len, len(c.question)), []).append(i)
+        groups.setdefault(c.context_len, []).append(i)
     for idx in groups.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s: s + batch_size]

@@ -126,15 +126,17 @@ def test_summarize():
     assert row["accuracy"] == 0.75 and row["n"] == 4 and row["kept_fraction"] == 1.0
 
 
-def test_batches_keep_one_shape():
+def test_batches_one_shape_per_context():
     class C:
         def __init__(self, n, q):
             self.context_len, self.question = n, [0] * q
-    cases = [C(100, 5)] * 5 + [C(100, 7)] * 2
+    cases = [C(100, 5)] * 5 + [C(100, 7)] * 2 + [C(200, 5)]
     out = list(P._batches(cases, 2))
-    assert [len(c) + len(p) for c, p in out] == [2, 2, 2, 2]
-    assert sum(len(c) for c, _ in out) == 7
-    assert P.count_calls(cases, 2) == 4
+    # questions of different lengths share a batch (generate pads them per row); contexts never do
+    assert [{cases[i].context_len for i in c + p} for c, p in out] == [{100}] * 4 + [{200}]
+    assert [len(c) + len(p) for c, p in out] == [2, 2, 2, 2, 1]
+    assert sorted(i for c, _ in out for i in c) == list(range(8))
+    assert P.count_calls(cases, 2) == 5
 
 
 def test_run_passkey_on_tiny_model(tiny_model):
