@@ -137,8 +137,7 @@ class PiKVModel:
         sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
         policy = self.bind_policy(policy)
         ids = self._prompt_ids(prompts, chat=chat, system=system)
-        pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
-        tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=self._prompt_width(ids))
+        tokens, lengths = self.pad_prompt_batch(ids)
         longest = int(lengths.max())
         if max_cache_tokens is not None and longest > max_cache_tokens:
             raise ValueError(f"prompt of {longest} tokens is longer than the cache capacity "
@@ -195,12 +194,18 @@ class PiKVModel:
                 out.append(p)
         return out
 
-    def _prompt_width(self, ids: list[list[int]]) -> int:
+    def prompt_width(self, ids: list[list[int]]) -> int:
         """Padded prompt width: `bucket_length` of the longest prompt, capped at the model's context
         (rounded up to a multiple of 64) so a bucket never pads far past what the model can read."""
         longest = max(len(p) for p in ids)
         cap = round_up(max(longest, self.config.max_position_embeddings), PROMPT_BUCKET)
         return min(bucket_length(longest), cap)
+
+    def pad_prompt_batch(self, ids: list[list[int]]):
+        """(tokens i32[B, S], lengths i32[B]) host arrays: the prompts right-padded to `prompt_width`
+        with the end-of-sequence id (what `generate` feeds its prefill)."""
+        pad = self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None else 0
+        return pad_prompts(ids, pad_id=pad, multiple=self.prompt_width(ids))
 
     def _suffix_ids(self, suffixes, batch: int):
         if suffixes is None:
@@ -319,7 +324,7 @@ class PiKVModel:
             raise ValueError(f"continuations has {len(conts)} entries, expected one per prompt ({len(ids)})")
         if any(len(c) == 0 for c in conts):
             raise ValueError("every continuation needs at least one token")
-        tokens, lengths = pad_prompts(ids, multiple=self._prompt_width(ids))
+        tokens, lengths = pad_prompts(ids, multiple=self.prompt_width(ids))
         longest_cont = max(len(c) for c in conts)
         width = bucket_length(longest_cont, SUFFIX_BUCKET)  # bounded shapes; padded steps are inactive
         # feed: last prompt token's successor is cont[0]; the fed sequence is cont[:-1] scored against cont[1:],

@@ -34,6 +34,14 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+def _nucleus_cutoff(sorted_desc, top_p):
+    """Smallest logit kept by top-p, from logits sorted in descending order: the shortest prefix
+    whose probability mass reaches top_p (always at least the best token). top_p broadcasts."""
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+
+
 def filter_logits(logits, cfg: SamplingConfig):
     """Masks (to -inf) tokens outside top-k and outside the top-p nucleus. logits: f32[B, V]."""
     neg = jnp.finfo(logits.dtype).min
@@ -41,14 +49,24 @@ def filter_logits(logits, cfg: SamplingConfig):
         kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, neg, logits)
     if cfg.top_p < 1.0:
-        sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < cfg.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        cutoff = _nucleus_cutoff(jnp.sort(logits, axis=-1)[..., ::-1], cfg.top_p)
         logits = jnp.where(logits < cutoff, neg, logits)
     return logits
+
+
+def filter_logits_rows(logits, top_k, top_p):
+    """`filter_logits` with per-row settings as arrays (top_k i32[B], 0 = off; top_p f32[B], 1 =
+    off), so rows with different settings share one compiled program; for equal settings the kept
+    tokens are those of `filter_logits`. logits: f32[B, V]."""
+    neg = jnp.finfo(logits.dtype).min
+    v = logits.shape[-1]
+    sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < kth, neg, logits)
+    sorted_desc = jnp.where(sorted_desc < kth, neg, sorted_desc)  # the sorted top-k-filtered logits
+    cutoff = jnp.where((top_p < 1.0)[:, None], _nucleus_cutoff(sorted_desc, top_p[:, None]), -jnp.inf)
+    return jnp.where(logits < cutoff, neg, logits)
 
 
 def row_keys(seed_key, step, batch: int):
@@ -64,3 +82,18 @@ def sample(logits, cfg: SamplingConfig, seed_key, step):
     logits = filter_logits(logits.astype(jnp.float32) / cfg.temperature, cfg)
     keys = row_keys(seed_key, step, logits.shape[0])
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def sample_rows(logits, temperature, top_k, top_p, keys):
+    """Per-row sampling settings as arrays: logits f32[B, V], temperature f32[B] (0 = greedy),
+    top_k i32[B], top_p f32[B], keys: one key per row for this token -> i32[B]. A row draws what
+    `sample` draws for the same settings and key; the sort behind top-k/top-p runs only when some
+    row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logits):
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        filtered = filter_logits_rows(logits.astype(jnp.float32) / t[:, None], top_k, top_p)
+        return jnp.where(temperature > 0, jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)

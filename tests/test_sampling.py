@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pikv_jax.sampling import SamplingConfig, filter_logits, sample
 
@@ -118,3 +120,22 @@ def test_seeded_sampling_is_reproducible_and_row_independent():
     same = jnp.broadcast_to(logits[:1], (2, 64))
     d = np.asarray(_draws(same, cfg, key, 200))
     assert (d[:, 0] != d[:, 1]).mean() > 0.5
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 1.7]), st.sampled_from([0, 1, 3, 40, 64]),
+                          st.sampled_from([1.0, 0.9, 0.5, 0.05])), min_size=1, max_size=5),
+       st.integers(0, 2**16), st.integers(0, 50))
+def test_sample_rows_draws_what_sample_draws_with_each_rows_settings(rows, seed, step):
+    """One program for rows with different settings: each row equals `sample` run on that row
+    alone with its settings and key (row_keys of a batch of one), greedy rows included."""
+    from pikv_jax.sampling import row_keys, sample_rows
+
+    logits = _logits(seed, (len(rows), 64), scale=2.0)
+    keys = jnp.stack([row_keys(jax.random.key(seed + i), step, 1)[0] for i in range(len(rows))])
+    got = np.asarray(sample_rows(logits, jnp.asarray([r[0] for r in rows], jnp.float32),
+                                 jnp.asarray([r[1] for r in rows], jnp.int32),
+                                 jnp.asarray([r[2] for r in rows], jnp.float32), keys))
+    for i, (t, k, p) in enumerate(rows):
+        want = sample(logits[i: i + 1], SamplingConfig(temperature=t, top_k=k, top_p=p), jax.random.key(seed + i), step)
+        assert got[i] == int(want[0]), (i, t, k, p)

@@ -23,7 +23,7 @@ from pikv_jax.bench import interleaved_rounds, protocol, spread
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache
 from pikv_jax.config import tiny_config
 from pikv_jax.eval import passkey
-from pikv_jax.runtime.generate import GenerationLoop, pad_prompts
+from pikv_jax.runtime.generate import GenerationLoop
 from pikv_jax.sampling import SamplingConfig
 
 TINY = "tiny"  # a 2-layer random model (head dim 64) for the quick modes of the scripts: no download, fast compiles
@@ -55,9 +55,8 @@ class DecodeProgram:
                  *, clock: Callable[[], float] = time.perf_counter):
         cfg = model.config
         self.model, self.policy, self.clock = model, policy, clock
-        pad = model.tokenizer.eos_token_id if model.tokenizer and model.tokenizer.eos_token_id is not None else 0
         ids = [list(p) for p in prompts]
-        tokens, lengths = pad_prompts(ids, pad_id=pad, multiple=model._prompt_width(ids))  # generate's width
+        tokens, lengths = model.pad_prompt_batch(ids)  # what generate feeds
         self.tokens, self.lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         self.prompt_tokens = int(lengths.sum())
         # equal to the loop `generate` builds, so `model._compile` returns the executables it compiled

@@ -1,0 +1,1 @@
+"""Serving: continuous batching over a fixed pool of cache slots sized from a memory budget."""
