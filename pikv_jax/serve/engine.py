@@ -178,6 +178,7 @@ class Engine:
         self._slots: list[RequestHandle | None] = [None] * self.num_slots
         self._queue: collections.deque[RequestHandle] = collections.deque()
         self._lock = threading.Condition()
+        self._step_lock = threading.Lock()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -244,7 +245,12 @@ class Engine:
 
     def step(self) -> None:
         """One host visit: drop cancelled requests, admit queued ones into free slots, run
-        `steps_per_visit` decode steps, deliver tokens and free finished slots."""
+        `steps_per_visit` decode steps, deliver tokens and free finished slots. One visit at a
+        time (the pool's buffers are donated to each program)."""
+        with self._step_lock:
+            self._visit()
+
+    def _visit(self) -> None:
         for i, h in enumerate(self._slots):
             if h is not None and h._cancel.is_set():
                 self.state = self.programs.release(self.state, jnp.int32(i))
@@ -308,12 +314,16 @@ class Engine:
         self.metrics.finished(h)
 
     def run_until_idle(self, *, timeout: float | None = None) -> None:
-        """Steps until the queue is empty and every slot is free (in the calling thread)."""
+        """Until the queue is empty and every slot is free: steps in the calling thread, or waits
+        when the background thread runs the loop."""
         t_end = None if timeout is None else time.perf_counter() + timeout
         while self.has_work():
             if t_end is not None and time.perf_counter() > t_end:
                 raise TimeoutError(f"requests still running after {timeout} s")
-            self.step()
+            if self._thread is not None:
+                time.sleep(0.01)
+            else:
+                self.step()
 
     # ------------------------------------------------------------------ background thread
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 
-def _dist(values, scale: float = 1000.0) -> dict:
+def latency_summary(values, scale: float = 1000.0) -> dict:
     """median / p99 / max (x scale, ms by default) of a list, NaN when empty."""
     if not values:
         return dict(median=float("nan"), p99=float("nan"), max=float("nan"), n=0)
@@ -89,7 +89,8 @@ class EngineMetrics:
             requests_per_s=rate(self.requests_finished), output_tokens=self.output_tokens,
             output_tokens_per_s=rate(self.output_tokens), prompt_tokens=self.prompt_tokens,
             prefill_tokens_per_s=self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan"),
-            ttft_ms=_dist(self.ttft), itl_ms=_dist(self.itl), delivery_gap_ms=_dist(self.delivery_gap),
+            ttft_ms=latency_summary(self.ttft), itl_ms=latency_summary(self.itl),
+            delivery_gap_ms=latency_summary(self.delivery_gap),
             slots=self.num_slots, slots_busy=busy,
             slots_busy_mean=self.busy_slot_seconds / self.decode_s if self.decode_s else 0.0,
             queue_length=queued, queue_max=self.max_queue,
