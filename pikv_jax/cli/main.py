@@ -20,6 +20,7 @@ from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies import Composite, make_policy
 from pikv_jax.cli.compress_args import add_compress_args, apply_compress, validate_compress_args
 from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args
+from pikv_jax.cli.serve_args import add_serve_args, cmd_serve
 from pikv_jax.eval.cli import add_eval_args, cmd_eval
 from pikv_jax.models.registry import bundled_model_path
 from pikv_jax.train.cli import add_distill_args, cmd_distill
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distillation training (LoRA compressor, DuoAttention gates, MoE student)")
     add_distill_args(d)
     d.set_defaults(func=cmd_distill)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching on 127.0.0.1")
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
     i = sub.add_parser("info", help="versions, devices and the bundled model's path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
