@@ -119,14 +119,23 @@ class RequestHandle:
         self.token_times.append(now)
         self._events.put(token)
         if self._on_token:
-            self._on_token(self, token)
+            self._callback(self._on_token, token)
 
     def _finish(self, reason: str, now: float, error: str | None = None) -> None:
-        self.finish_reason, self.error, self.finished_at = reason, error, now
+        self.finish_reason, self.finished_at = reason, now
+        self.error = error if error is not None else self.error  # keep a failed callback's reason
         self._events.put(None)
         self._done.set()
         if self._on_finish:
-            self._on_finish(self)
+            self._callback(self._on_finish)
+
+    def _callback(self, fn, *args) -> None:
+        """Runs a user callback; one that raises cancels its own request, never the engine."""
+        try:
+            fn(self, *args)
+        except Exception as e:  # a caller's bug must not stop the other requests
+            self.error = f"callback failed: {type(e).__name__}: {e}"
+            self._cancel.set()
 
 
 class Engine:
@@ -183,6 +192,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+        self._error: str | None = None
         self.metrics = EngineMetrics(num_slots=self.num_slots, slot_bytes=self.slot_bytes,
                                      cache_bytes_allocated=self.cache_bytes_allocated)
         self._entries_per_token = cfg.num_hidden_layers * cfg.num_key_value_heads
@@ -220,6 +230,8 @@ class Engine:
         RuntimeError when the queue is full or the engine is shutting down."""
         request = self.validate(request)
         with self._lock:
+            if self._error is not None:
+                raise RuntimeError(f"the engine stopped after an error and accepts no new request: {self._error}")
             if not self._accepting:
                 raise RuntimeError("the engine is shutting down and accepts no new request")
             if len(self._queue) >= self.max_queue:
@@ -327,11 +339,19 @@ class Engine:
 
     # ------------------------------------------------------------------ background thread
 
+    @property
+    def running(self) -> bool:
+        """The background loop runs and new requests are accepted."""
+        return self._thread is not None and self._thread.is_alive() and self._accepting and self._error is None
+
     def start(self) -> None:
-        """Runs the loop in a background thread until `shutdown`."""
+        """Runs the loop in a background thread until `shutdown` (again after a shutdown)."""
         if self._thread is not None:
             return
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self._error}")
         self._stopping = False
+        self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="pikv-engine", daemon=True)
         self._thread.start()
 
@@ -350,15 +370,14 @@ class Engine:
 
     def _fail_all(self, error: str) -> None:
         with self._lock:
-            self._accepting = False
+            self._error = error
             waiting = list(self._queue)
             self._queue.clear()
-        for i, h in enumerate(self._slots):
-            if h is not None:
-                self._slots[i] = None
-                h._finish("error", time.perf_counter(), error)
-        for h in waiting:
+        failed = [h for h in self._slots if h is not None] + waiting
+        self._slots = [None] * self.num_slots
+        for h in failed:
             h._finish("error", time.perf_counter(), error)
+            self.metrics.finished(h)
 
     def shutdown(self, *, cancel: bool = False, timeout: float | None = 60.0) -> None:
         """Stops accepting requests; finishes the ones in flight (or cancels them with `cancel`,
@@ -379,8 +398,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        elif not cancel:
-            self.run_until_idle()
+        else:
+            self.run_until_idle()  # without a thread: finish in-flight requests, or free the cancelled slots
 
     # ------------------------------------------------------------------ stats
 

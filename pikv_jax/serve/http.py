@@ -430,8 +430,7 @@ def make_app(engine: Engine, *, model_name: str, max_body_bytes: int = 1 << 20,
 
     @app.get("/health")
     async def health():
-        thread = getattr(engine, "_thread", None)  # the engine has no public "running" flag yet
-        ok = thread is not None and thread.is_alive()
+        ok = engine.running
         body = {"status": "ok" if ok else "stopped", "slots": engine.num_slots, "slots_busy": engine.busy_slots,
                 "queue_length": engine.queue_length}
         return JSONResponse(body, status_code=200 if ok else 503)

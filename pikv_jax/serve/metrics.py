@@ -1,6 +1,7 @@
 """What a serving user watches, measured by the engine itself: throughput, latency, slots, memory.
 
-Latencies come from the host times at which tokens reach each request (`RequestHandle`): time to
+Latency percentiles are over the most recent `EngineMetrics.WINDOW` samples of each kind (counters
+cover the whole run). Latencies come from the host times at which tokens reach each request (`RequestHandle`): time to
 first token (submit to first token), inter-token latency (a request's mean gap between tokens
 after the first: (last - first) / (n - 1)), and the delivery gap (time between two host visits
 that hand a request tokens; one visit delivers up to `steps_per_visit` tokens at once).
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import collections
 import time
+from collections import deque
 
 import numpy as np
 
 
 def latency_summary(values, scale: float = 1000.0) -> dict:
     """median / p99 / max (x scale, ms by default) of a list, NaN when empty."""
+    values = list(values)
     if not values:
         return dict(median=float("nan"), p99=float("nan"), max=float("nan"), n=0)
     a = np.asarray(values, np.float64) * scale
@@ -24,6 +27,8 @@ def latency_summary(values, scale: float = 1000.0) -> dict:
 
 class EngineMetrics:
     """Counters and latency samples, updated by the engine thread; `snapshot()` reads them."""
+
+    WINDOW = 4096  # latency samples kept (the most recent), so a long-lived server stays bounded
 
     def __init__(self, *, num_slots: int, slot_bytes: int, cache_bytes_allocated: int):
         self.num_slots, self.slot_bytes, self.cache_bytes_allocated = num_slots, slot_bytes, cache_bytes_allocated
@@ -40,9 +45,9 @@ class EngineMetrics:
         self.max_queue = 0
         self.evicted_tokens = 0.0
         self.finish_reasons: collections.Counter = collections.Counter()
-        self.ttft: list[float] = []
-        self.itl: list[float] = []
-        self.delivery_gap: list[float] = []
+        self.ttft: deque[float] = deque(maxlen=self.WINDOW)
+        self.itl: deque[float] = deque(maxlen=self.WINDOW)
+        self.delivery_gap: deque[float] = deque(maxlen=self.WINDOW)
 
     def _touch(self) -> float:
         now = time.perf_counter()

@@ -161,3 +161,35 @@ def test_bad_requests_and_settings_raise_clear_errors(tiny_lm):
     with pytest.raises(ValueError, match="is not a size"):
         parse_bytes("lots")
     assert engine.queue_length == 0  # nothing bad was queued
+
+
+def test_a_failing_callback_cancels_only_its_request_and_shutdown_restart(tiny_lm):
+    model, _ = tiny_lm
+    engine = Engine(model, None, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW, num_slots=2, steps_per_visit=2)
+    reqs = [dataclass_replace(r, max_new_tokens=MAX_NEW, stop_ids=()) for r in _workload(model, 2, seed=7)]
+
+    def boom(handle, token):
+        raise RuntimeError("client went away")
+
+    bad = engine.submit(reqs[0], on_token=boom)
+    good = engine.submit(reqs[1])
+    engine.start()
+    assert engine.running
+    assert good.wait(120) and bad.wait(120)
+    assert bad.finish_reason == "cancelled" and "client went away" in bad.error
+    assert good.tokens == _alone(model, engine, reqs[1])[0]
+    engine.shutdown()
+    assert not engine.running
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(reqs[1])
+    engine.start()  # serves again after a shutdown
+    again = engine.submit(reqs[1])
+    assert again.wait(120) and again.tokens == good.tokens
+    engine.shutdown()
+    # without a thread, a cancelling shutdown frees the slots and the queue
+    local = Engine(model, None, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW, num_slots=1)
+    first, queued = local.submit(reqs[0]), local.submit(reqs[1])
+    local.step()
+    local.shutdown(cancel=True)
+    assert first.finish_reason == queued.finish_reason == "cancelled"
+    assert local.busy_slots == 0 and local.queue_length == 0

@@ -257,7 +257,7 @@ def test_shutdown_finishes_requests_in_flight(tiny_lm, monkeypatch):
     ids = json.loads(got["first"][6:])["choices"][0]["token_ids"] + [t for ch in rest
                                                                      for t in ch["choices"][0]["token_ids"]]
     assert len(ids) == MAX_NEW and rest[-1]["choices"][0]["finish_reason"] == "length"
-    assert engine.busy_slots == 0 and engine._thread is None  # the app shut the engine down
+    assert engine.busy_slots == 0 and not engine.running  # the app shut the engine down
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit(Request(prompt=prompts[0], max_new_tokens=2))
 
