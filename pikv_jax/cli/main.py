@@ -18,6 +18,7 @@ import jax
 
 from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies import Composite, make_policy
+from pikv_jax.cli.bench_serve_args import add_bench_serve_args, cmd_bench_serve
 from pikv_jax.cli.compress_args import add_compress_args, apply_compress, validate_compress_args
 from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args
 from pikv_jax.cli.serve_args import add_serve_args, cmd_serve
@@ -245,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching on 127.0.0.1")
     add_serve_args(s)
     s.set_defaults(func=cmd_serve)
+    b = sub.add_parser("bench-serve", help="replay a seeded serving workload against the engine or a server")
+    add_bench_serve_args(b)
+    b.set_defaults(func=cmd_bench_serve)
     i = sub.add_parser("info", help="versions, devices and the bundled model's path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)

@@ -322,3 +322,43 @@ def test_cli_refuses_a_public_host():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "127.0.0.1" in lines[0] and lines[0].startswith("pikv: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_serve_replay_over_http_equals_generate(served):
+    """`pikv bench-serve --url`'s replay: a seeded Poisson workload streamed to the server; every
+    request gets its `generate` tokens (ignore_eos: exactly max_tokens) and the client-side
+    latencies are measured."""
+    from pikv_jax.serve.client import replay_http
+    from pikv_jax.serve.workload import WorkloadSpec, make_workload
+
+    spec = WorkloadSpec(n_requests=12, rate=200.0, prompt_min=3, prompt_max=MAX_PROMPT, output_min=N, output_max=N,
+                        seed=4)
+    source = np.random.default_rng(2).integers(3, served.model.config.vocab_size, 64).tolist()
+    workload = make_workload(spec, source)
+    assert workload == make_workload(spec, source)  # deterministic per seed
+    assert len({len(tr.request.prompt) for tr in workload}) > 3 and workload[-1].at > 0
+    r = replay_http(served.url, workload, concurrency=4, model="tiny")
+    st = r["stats"]
+    assert st["n_errors"] == 0 and st["requests_ok"] == 12 and st["output_tokens"] == 12 * N
+    assert st["ttft_ms"]["n"] == 12 and 0 < st["ttft_ms"]["median"] <= st["ttft_ms"]["p99"]
+    for tr, rec in zip(workload, r["requests"]):
+        want = served.model.generate([list(tr.request.prompt)], N, policy=served.engine.policy, stop_ids=())
+        assert rec["tokens"] == want.token_ids[0]
+    wait_until(lambda: served.engine.busy_slots == 0, 10, "slots freed")
+
+
+def test_bench_serve_cli_engine_mode(tmp_path):
+    """`pikv bench-serve` on a random MoE model (no tokenizer: random prompt ids), with the static
+    baseline; the JSON holds both runs' metrics."""
+    from pikv_jax.cli.main import main
+
+    out = tmp_path / "b.json"
+    rc = main(["bench-serve", "--model", "random:mixtral-tiny", "--method", "h2o@0.5", "--slots", "3",
+               "--max-prompt-tokens", "64", "--max-new-tokens", "8", "--requests", "5", "--prompt-min", "10",
+               "--prompt-max", "60", "--output-min", "2", "--output-max", "8", "--static-baseline",
+               "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["engine"]["requests_finished"] == 5 and data["engine"]["slots"] == 3
+    assert data["engine"]["output_tokens"] == data["static"]["output_tokens"]
+    assert main(["bench-serve", "--model", "random:mixtral-tiny", "--prompt-max", "4096"]) == 2
