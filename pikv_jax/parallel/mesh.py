@@ -1,4 +1,4 @@
-"""Device meshes for data and expert parallelism, and version-stable access to `shard_map`.
+"""Device meshes for data, model (tensor) and expert parallelism, and version-stable `shard_map`.
 
 Meshes are built with explicit `Auto` axis types: `jax.make_mesh` otherwise defaults to Explicit
 axes on recent jax, under which `shard_map` rejects inputs that were not placed on the mesh. Mesh
@@ -14,8 +14,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
-EXPERT_AXIS = "expert"
+DATA_AXIS = "data"  # batch rows
+MODEL_AXIS = "model"  # attention heads and MLP hidden units (Megatron-style column / row splits)
+EXPERT_AXIS = "expert"  # stacked MoE expert weights
+SEQ_AXIS = "seq"  # the cache's slot axis (long contexts; not used by generation yet)
+MESH_AXES = (DATA_AXIS, MODEL_AXIS, EXPERT_AXIS, SEQ_AXIS)
 
 
 def shard_map(f, *, mesh, in_specs, out_specs, check_vma: bool = False):
@@ -61,4 +64,47 @@ def named(mesh: Mesh, *spec) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-__all__ = ["DATA_AXIS", "EXPERT_AXIS", "expert_mesh", "make_mesh", "named", "shard_map"]
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """"data=2,model=4" -> {"data": 2, "model": 4} (order kept; whitespace ignored).
+
+    Axis names must be among MESH_AXES, each at most once, sizes integers >= 1; every violation is
+    a one-line ValueError naming the axis and the size.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"mesh spec {spec!r} is empty; expected e.g. 'data=2,model=4'")
+    axes: dict[str, int] = {}
+    for item in spec.split(","):
+        name, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not name or not size:
+            raise ValueError(f"mesh spec entry {item.strip()!r} is not axis=size (e.g. 'data=2,model=4')")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} is unknown; allowed: {', '.join(MESH_AXES)}")
+        if name in axes:
+            raise ValueError(f"mesh axis {name!r} is given twice in {spec!r}")
+        try:
+            n = int(size)
+        except ValueError:
+            raise ValueError(f"mesh axis {name!r} has size {size!r}; sizes must be integers >= 1") from None
+        if n < 1:
+            raise ValueError(f"mesh axis {name!r} has size {n}; sizes must be integers >= 1")
+        axes[name] = n
+    return axes
+
+
+def mesh_from_spec(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from a spec string ("data=2,model=4", see `parse_mesh_spec`) or an {axis: size} dict,
+    over the first prod(sizes) of `devices` (default: all devices). A mesh larger than the device
+    count is a ValueError naming the axes, their product and the device count."""
+    axes = parse_mesh_spec(spec) if isinstance(spec, str) else parse_mesh_spec(
+        ",".join(f"{k}={v}" for k, v in dict(spec).items()))
+    devices = list(jax.devices() if devices is None else devices)
+    need = math.prod(axes.values())
+    if need > len(devices):
+        sizes = " x ".join(f"{k}={v}" for k, v in axes.items())
+        raise ValueError(f"mesh {sizes} needs {need} devices, only {len(devices)} available "
+                         "(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax)")
+    return make_mesh(tuple(axes.values()), tuple(axes), devices=devices[:need])
+
+
+__all__ = ["DATA_AXIS", "EXPERT_AXIS", "MESH_AXES", "MODEL_AXIS", "SEQ_AXIS", "expert_mesh", "make_mesh",
+           "mesh_from_spec", "named", "parse_mesh_spec", "shard_map"]
