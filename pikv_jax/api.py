@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache, map_policies
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
@@ -30,6 +31,7 @@ from pikv_jax.models.registry import load_pretrained
 from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.models.weights import random_model
 from pikv_jax.runtime import capture, forward
+from pikv_jax.runtime import sharding as mesh_sharding
 from pikv_jax.runtime.generate import FINISH_REASONS, GenerationLoop, pad_prompts
 from pikv_jax.sampling import SamplingConfig
 
@@ -73,15 +75,24 @@ class GenerationOutput:
 
 
 class PiKVModel:
-    """A Llama-family model plus tokenizer, generating through jitted prefill + decode loops."""
+    """A Llama-family model plus tokenizer, generating through jitted prefill + decode loops.
+
+    mesh: optional `jax.sharding.Mesh` with axes among data / model / expert (see
+    pikv_jax/runtime/sharding.py): the parameters are placed on it under the sharding rules and
+    `generate` runs sharded, with the same greedy tokens as on one device. None: one device.
+    """
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None, config: ModelConfig, *,
-                 cache_dtype=None, policy: CachePolicy | None = None, name: str = "model"):
+                 cache_dtype=None, policy: CachePolicy | None = None, name: str = "model", mesh: Mesh | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
+        self.mesh = mesh
         self.graphdef, self.params = nnx.split(model)
+        if mesh is not None:  # the module then holds the placed arrays too (no second full copy)
+            self.params = mesh_sharding.place_params(self.params, config, mesh)
+            nnx.update(self.model, self.params)
         self.cache_dtype = parse_dtype(cache_dtype) if cache_dtype is not None else model.dtype
         self.policy = policy if policy is not None else CachePolicy()
         self._compiled: collections.OrderedDict = collections.OrderedDict()  # LRU of compiled programs
@@ -91,10 +102,12 @@ class PiKVModel:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2", *, dtype="float32", cache_dtype=None,
-                        policy: CachePolicy | None = None, seed: int = 0, progress=None) -> "PiKVModel":
-        """Bundled name ("smollm2"), GGUF file, Hugging Face folder, or "random:<preset>"."""
+                        policy: CachePolicy | None = None, seed: int = 0, progress=None,
+                        mesh: Mesh | None = None) -> "PiKVModel":
+        """Bundled name ("smollm2"), GGUF file, Hugging Face folder, or "random:<preset>"; `mesh`
+        places the parameters for sharded generation (see the class docstring)."""
         model, tok, cfg = load_pretrained(name_or_path, dtype=parse_dtype(dtype), seed=seed, progress=progress)
-        return cls(model, tok, cfg, cache_dtype=cache_dtype, policy=policy, name=name_or_path)
+        return cls(model, tok, cfg, cache_dtype=cache_dtype, policy=policy, name=name_or_path, mesh=mesh)
 
     @classmethod
     def from_config(cls, config: ModelConfig, *, seed: int = 0, dtype="float32", **kw) -> "PiKVModel":
@@ -131,13 +144,16 @@ class PiKVModel:
         callback(step, tokens i32[B], emitted bool[B]) streams each step's tokens to the host.
         suffixes: per prompt, text or ids fed after the prompt was compressed by the policy and
           before generation (query-agnostic evaluation: compress the context, then ask).
+        With a mesh, a batch that the `data` axis does not divide is padded with copies of the last
+        prompt (throwaway rows, dropped from the output, the stats and the callback).
         """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         sampling = SamplingConfig(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
         policy = self.bind_policy(policy)
         ids = self._prompt_ids(prompts, chat=chat, system=system)
-        tokens, lengths = self.pad_prompt_batch(ids)
+        run_ids, suffixes, callback = self._mesh_rows(ids, suffixes, callback)
+        tokens, lengths = self.pad_prompt_batch(run_ids)
         longest = int(lengths.max())
         if max_cache_tokens is not None and longest > max_cache_tokens:
             raise ValueError(f"prompt of {longest} tokens is longer than the cache capacity "
@@ -147,7 +163,7 @@ class PiKVModel:
         if longest + max_new_tokens > self.config.max_position_embeddings:
             log.warning("prompt (%d) + max_new_tokens (%d) exceeds the model's max_position_embeddings (%d)",
                         longest, max_new_tokens, self.config.max_position_embeddings)
-        suffix, suffix_lengths = self._suffix_ids(suffixes, len(ids))
+        suffix, suffix_lengths = self._suffix_ids(suffixes, len(run_ids))
         extra = 0 if suffix is None else suffix.shape[1]
         caps = tuple(policy.capacity_for(i, tokens.shape[1], max_new_tokens + extra)
                      for i in range(self.config.num_hidden_layers))
@@ -156,11 +172,15 @@ class PiKVModel:
         loop = GenerationLoop(graphdef=self.graphdef, policy=policy, sampling=sampling,
                               max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids) if stop_ids is not None
                               else self.stop_ids(), callback=callback)
-        make_cache = functools.partial(init_policy_cache, policy, len(ids), caps, dtype=self.cache_dtype,
+        make_cache = functools.partial(init_policy_cache, policy, len(run_ids), caps, dtype=self.cache_dtype,
                                        num_kv_heads=self.config.num_key_value_heads, head_dim=self.config.dim_per_head)
         tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
         key = jax.random.key(seed)
         cache = jax.eval_shape(make_cache)
+        if self.mesh is not None:
+            tokens, lengths, key, suffix, suffix_lengths = self._place_inputs(tokens, lengths, key, suffix,
+                                                                              suffix_lengths)
+            cache = mesh_sharding.with_shardings(cache, mesh_sharding.cache_shardings(cache, self.mesh))
         (prefill_fn, decode_fn, init_fn, resident_fn), compile_s = self._program(
             loop, tokens, lengths, cache, key, suffix, suffix_lengths, make_cache=make_cache)
         cache = init_fn()
@@ -173,6 +193,35 @@ class PiKVModel:
         jax.block_until_ready(state)
         t2 = time.perf_counter()
         return self._finish(state, ids, t1 - t0, t2 - t1, compile_s, policy, resident=resident_fn(state.cache))
+
+    def _mesh_rows(self, ids: list[list[int]], suffixes, callback):
+        """(ids, suffixes, callback) padded to a multiple of the mesh's `data` axis with copies of the
+        last row (they finish with it under greedy decoding, so the loop runs no longer); the
+        callback then sees only the real rows. Unchanged without a mesh or when the axis divides."""
+        rows = mesh_sharding.padded_batch(len(ids), self.mesh)
+        if rows == len(ids):
+            return ids, suffixes, callback
+        extra = rows - len(ids)
+        if suffixes is not None:
+            if len(suffixes) != len(ids):
+                raise ValueError(f"suffixes has {len(suffixes)} entries, expected one per prompt ({len(ids)})")
+            suffixes = list(suffixes) + [suffixes[-1]] * extra
+        if callback is not None:
+            callback = _RealRows(callback, len(ids))
+        return ids + [ids[-1]] * extra, suffixes, callback
+
+    def _place_inputs(self, *arrays):
+        """Per-row arrays over the mesh's `data` axis, scalars and keys replicated (None passes)."""
+        out = []
+        for x in arrays:
+            if x is not None:
+                ndim = getattr(x, "ndim", 0)
+                per_row = ndim and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                sharding = (mesh_sharding.batch_sharding(self.mesh, ndim) if per_row
+                            else mesh_sharding.replicated(self.mesh))
+                x = jax.device_put(x, sharding)
+            out.append(x)
+        return out
 
     def _prompt_ids(self, prompts, *, chat, system) -> list[list[int]]:
         if isinstance(prompts, str):
@@ -241,7 +290,7 @@ class PiKVModel:
                 return entry, 0.0
         t0 = time.perf_counter()
         entry = compile_generation(loop, self.params, tokens, lengths, cache, key, suffix, suffix_lengths,
-                                   make_cache=make_cache)
+                                   make_cache=make_cache, mesh=self.mesh)
         compile_s = time.perf_counter() - t0
         self._remember(sig, entry)
         return entry, compile_s
@@ -259,15 +308,17 @@ class PiKVModel:
             self._compiled.popitem(last=False)
 
     def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy, *, resident=None) -> GenerationOutput:
-        n = np.asarray(state.num_generated)
+        rows = len(ids)  # real rows: a mesh may have padded the batch with throwaway rows after them
+        n = np.asarray(state.num_generated)[:rows]
         toks = np.asarray(state.tokens)
-        finish = np.asarray(state.finish)
-        token_ids = [toks[i, : n[i]].tolist() for i in range(len(ids))]
+        finish = np.asarray(state.finish)[:rows]
+        token_ids = [toks[i, : n[i]].tolist() for i in range(rows)]
         texts = [self.tokenizer.decode(t) if self.tokenizer else "" for t in token_ids]
         cache = state.cache
         cfg = self.config
-        lengths = np.asarray(cache.length)
+        lengths = np.asarray(cache.length)[:rows]
         resident = cache.resident_tokens() if resident is None else np.asarray(resident)  # [L, B, Hkv]
+        resident = resident[:, :rows]
         slots = sum(layer.slots_per_row for layer in cache.layers) * len(ids)
         decode_steps = int(state.step)
         stats = dict(
@@ -283,6 +334,7 @@ class PiKVModel:
             decode_tokens_per_s=float(n.sum() - len(ids)) / decode_s if decode_steps else float("nan"),
             compile_s=compile_s,
             cache_bytes=cache.nbytes(),
+            cache_bytes_per_device=mesh_sharding.bytes_per_device(cache),
             full_cache_bytes=full_bf16_bytes(lengths, num_layers=cfg.num_hidden_layers,
                                              num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head),
             cache_capacity_tokens=int(max(cache.capacities())),
@@ -290,6 +342,8 @@ class PiKVModel:
             seen_tokens=int(lengths.sum()),
             cache_fill=float(resident.sum() / slots),
         )
+        if self.mesh is not None:
+            stats["mesh"] = mesh_sharding.mesh_summary(self.mesh)
         self._stats = stats
         return GenerationOutput(texts=texts, token_ids=token_ids,
                                 finish_reasons=[FINISH_REASONS[int(f)] for f in finish],
@@ -374,11 +428,48 @@ class PiKVModel:
         return dict(self._stats)
 
 
+@dataclasses.dataclass(frozen=True)
+class _RealRows:
+    """A streaming callback that sees only the first `rows` rows (the real ones of a padded batch);
+    a dataclass so that equal wrappers give equal `GenerationLoop`s and reuse compiled programs."""
+
+    callback: Callable
+    rows: int
+
+    def __call__(self, step, tokens, emitted):
+        return self.callback(step, tokens[: self.rows], emitted[: self.rows])
+
+
+def generation_functions(loop: GenerationLoop, mesh: Mesh | None = None):
+    """(prefill, decode): `loop`'s programs as fresh functions to jit, prefill(params, tokens,
+    lengths, cache, key, suffix, suffix_lengths) -> DecodeState and decode(params, state) ->
+    DecodeState. With a mesh both pin the loop state's shardings on their output
+    (`runtime.sharding.state_shardings`), so the donated cache stays in place from one to the next."""
+    prefill_impl = GenerationLoop.prefill.__wrapped__
+    decode_impl = GenerationLoop.decode.__wrapped__
+
+    def placed(state):
+        return state if mesh is None else jax.lax.with_sharding_constraint(
+            state, mesh_sharding.state_shardings(state, mesh))
+
+    def prefill(params, tokens, lengths, cache, key, suffix, suffix_lengths):
+        return placed(prefill_impl(loop, params, tokens, lengths, cache, key, suffix, suffix_lengths))
+
+    def decode(params, state):
+        return placed(decode_impl(loop, params, state))
+
+    return prefill, decode
+
+
 def compile_generation(loop: GenerationLoop, params, tokens, lengths, cache, key, suffix=None, suffix_lengths=None,
-                       *, make_cache: Callable | None = None):
+                       *, make_cache: Callable | None = None, mesh: Mesh | None = None):
     """AOT-compiles `loop`'s prefill and decode for these shapes (`cache` concrete or abstract) ->
     (prefill, decode, init_cache, resident) executables; the last two, compiled only with
     `make_cache` (a function of no arguments returning the empty cache), are None without it.
+
+    mesh: the inputs carry shardings on it (params, per-row inputs, the cache); the programs pin
+    the loop state's shardings on their outputs (see `generation_functions`) and the cache's on the
+    empty cache.
 
     Each program is jitted from a fresh function object that closes over `loop`, so none of jax's
     caches keyed on the function (traced jaxprs, lowered modules, `_cached_compilation`'s
@@ -386,22 +477,23 @@ def compile_generation(loop: GenerationLoop, params, tokens, lengths, cache, key
     its memory maps. Jitting `GenerationLoop.prefill` itself would key those caches on the class's
     function, which lives forever, so every program ever compiled would stay resident.
     """
-    prefill_impl = GenerationLoop.prefill.__wrapped__
-    decode_impl = GenerationLoop.decode.__wrapped__
+    prefill, decode = generation_functions(loop, mesh)
 
-    def prefill(params, tokens, lengths, cache, key, suffix, suffix_lengths):
-        return prefill_impl(loop, params, tokens, lengths, cache, key, suffix, suffix_lengths)
-
-    def decode(params, state):
-        return decode_impl(loop, params, state)
+    def init_cache():
+        cache = make_cache()
+        return cache if mesh is None else jax.lax.with_sharding_constraint(
+            cache, mesh_sharding.cache_shardings(cache, mesh))
 
     def resident(cache):
         return jnp.stack([layer.resident_per_head() for layer in cache.layers])
 
     lowered = jax.jit(prefill, donate_argnums=3).lower(params, tokens, lengths, cache, key, suffix, suffix_lengths)
-    decode_exe = jax.jit(decode, donate_argnums=1).lower(params, lowered.out_info).compile()
+    state = lowered.out_info
+    if mesh is not None:  # decode's input: what prefill returns, placed as prefill pins it
+        state = mesh_sharding.with_shardings(state, mesh_sharding.state_shardings(state, mesh))
+    decode_exe = jax.jit(decode, donate_argnums=1).lower(params, state).compile()
     init_exe = resident_exe = None
     if make_cache is not None:
-        init_exe = jax.jit(lambda: make_cache()).lower().compile()
-        resident_exe = jax.jit(resident).lower(lowered.out_info.cache).compile()
+        init_exe = jax.jit(init_cache).lower().compile()
+        resident_exe = jax.jit(resident).lower(state.cache).compile()
     return lowered.compile(), decode_exe, init_exe, resident_exe

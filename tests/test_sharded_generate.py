@@ -1,0 +1,193 @@
+"""Sharded generation over a (data x model) mesh: parameter and cache placement rules, the mesh
+spec helper, and (on 8 simulated CPU devices, in one subprocess: the device count must be fixed
+before jax starts, and this process has one device) greedy ids equal to one device's for every
+cache method, per-device cache bytes measured from the arrays' shards, and the bytes of every
+collective in the compiled decode program."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pikv_jax.api import PiKVModel
+from pikv_jax.config import tiny_config
+from pikv_jax.parallel import mesh_from_spec, param_spec, parse_mesh_spec, split_counts
+
+HERE = pathlib.Path(__file__).resolve().parent
+SCRIPT = HERE / "sharded_generate_checks.py"
+MESH = {"data": 2, "model": 4}
+B, H, D, L = 4, 8, 16, 2  # the checks' batch, query heads, head dim, layers
+HLO_CAPACITY = 1024
+PER_HEAD = ["full", "streaming_llm@0.5", "h2o@0.5", "tova@0.5", "snapkv(obs_window=16)@0.5",
+            "quest(dense_layers=1,page_size=8)@0.25", "int4(group_size=8,residual_length=16)",
+            "h2o@0.5+int4(group_size=8,residual_length=16)"]
+POOLED = ["adakv(obs_window=16)@0.5"]
+NOT_EVICTING = {"full", "quest(dense_layers=1,page_size=8)@0.25", "int4(group_size=8,residual_length=16)"}
+
+
+# ---------------------------------------------------------------------------------- one process
+
+def test_parse_mesh_spec_and_errors():
+    assert parse_mesh_spec(" data = 2 , model=4") == {"data": 2, "model": 4}
+    assert list(parse_mesh_spec("model=4,data=2")) == ["model", "data"]
+    for spec, match in [("data=2,tensor=4", "mesh axis 'tensor' is unknown; allowed: data, model, expert, seq"),
+                        ("data=0", "mesh axis 'data' has size 0"), ("model=-2", "mesh axis 'model' has size -2"),
+                        ("data=x", "mesh axis 'data' has size 'x'"), ("data=2,data=2", "'data' is given twice"),
+                        ("data2", "not axis=size"), ("", "empty")]:
+        with pytest.raises(ValueError, match=match):
+            parse_mesh_spec(spec)
+
+
+def test_mesh_from_spec_on_one_device():
+    mesh = mesh_from_spec("data=1,model=1")
+    assert dict(mesh.shape) == {"data": 1, "model": 1}
+    n = jax.device_count()
+    with pytest.raises(ValueError, match=rf"mesh data=2 x model={n} needs {2 * n} devices, only {n} available"):
+        mesh_from_spec(f"data=2,model={n}")
+
+
+def test_param_rules_split_whole_kv_heads_and_replicate_what_does_not_divide():
+    sizes = {"data": 2, "model": 4}
+    counts = split_counts(num_kv_heads=8, intermediate_size=96, vocab_size=128)
+    spec = lambda path, shape, c=counts: param_spec(tuple(path.split(".")), np.zeros(shape), axis_sizes=sizes,
+                                                    counts=c)
+    assert spec("layers.0.self_attn.q_proj.kernel", (128, 128)) == P(None, "model")
+    assert spec("layers.0.self_attn.k_proj.bias", (128,)) == P("model")
+    assert spec("layers.0.self_attn.o_proj.kernel", (128, 128)) == P("model")
+    assert spec("layers.0.self_attn.o_proj.bias", (128,)) == P()
+    assert spec("layers.0.mlp.gate_proj.kernel", (128, 96)) == P(None, "model")
+    assert spec("layers.0.mlp.down_proj.kernel", (96, 128)) == P("model")
+    assert spec("embed_tokens.embedding", (128, 128)) == P("model")
+    assert spec("lm_head.kernel", (128, 128)) == P(None, "model")
+    assert spec("layers.0.input_layernorm.weight", (128,)) == P()
+    # 2 KV heads on model=4: the whole attention block is replicated (queries included)
+    two = split_counts(num_kv_heads=2, intermediate_size=96, vocab_size=128)
+    assert spec("layers.0.self_attn.q_proj.kernel", (128, 128), two) == P()
+    assert spec("layers.0.self_attn.o_proj.kernel", (128, 128), two) == P()
+    # a vocabulary of 97 does not divide by 4: replicated, never an error
+    odd = split_counts(num_kv_heads=8, intermediate_size=96, vocab_size=97)
+    assert spec("embed_tokens.embedding", (97, 128), odd) == P()
+    # MoE: stacked experts over `expert` when the mesh has it; a mesh without it replicates them
+    assert param_spec(("layers", "0", "mlp", "experts", "gate_proj"), np.zeros((8, 4, 6)),
+                      axis_sizes={"data": 2, "expert": 4}) == P("expert")
+    assert spec("layers.0.mlp.experts.gate_proj", (8, 4, 6)) == P()
+    assert param_spec(("experts", "down_proj_lora_b"), np.zeros((8, 2, 4))) == P("expert")  # no mesh: expert rule
+
+
+def test_no_mesh_path_reports_bytes_per_device_and_no_mesh():
+    model = PiKVModel.from_config(tiny_config(), seed=0)
+    out = model.generate([[5, 6, 7, 8]], 3)
+    assert model.mesh is None and "mesh" not in out.stats
+    assert out.stats["cache_bytes_per_device"] == out.stats["cache_bytes"]
+
+
+# ---------------------------------------------------------------------------------- 8 devices
+
+@pytest.fixture(scope="module")
+def checks() -> dict:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    # LLVM -O0 halves the compile time that dominates this run; both sides of every comparison run
+    # under it, and the SPMD partitioning (hence the collectives) is done by HLO passes it leaves as they are
+    flags += ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                                                              if p])
+    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(HERE.parent))
+    if proc.returncode != 0:
+        raise AssertionError(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    return out
+
+
+@pytest.mark.slow
+def test_parameters_are_placed_megatron_style(checks):
+    s = checks["param_specs"]
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert s[f"layers.0.self_attn.{name}.kernel"] == "P(None, 'model')"
+    assert s["layers.0.self_attn.o_proj.kernel"] == "P('model',)"
+    assert s["layers.0.mlp.gate_proj.kernel"] == s["layers.0.mlp.up_proj.kernel"] == "P(None, 'model')"
+    assert s["layers.0.mlp.down_proj.kernel"] == "P('model',)"
+    assert s["embed_tokens.embedding"] == "P('model',)" and s["lm_head.kernel"] == "P(None, 'model')"
+    assert s["norm.weight"] == s["layers.0.input_layernorm.weight"] == "P()"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", PER_HEAD + POOLED)
+def test_sharded_greedy_ids_equal_single_device(checks, spec):
+    r = checks["methods"][spec]
+    assert r["equal"], (r["single"], r["sharded"])
+    assert r["finish_equal"] and r["stats_equal"] and r["mesh"] == MESH
+    assert r["evicted"] == (spec not in NOT_EVICTING), "budgets must make the evicting methods evict"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", PER_HEAD + POOLED)
+def test_cache_bytes_per_device_are_measured_from_shards(checks, spec):
+    r = checks["methods"][spec]
+    assert r["single_per_device"] == r["cache_bytes"]
+    if spec in POOLED:  # a pool mixes heads: rows over data only
+        assert r["per_device"] * 2 == r["cache_bytes"]
+    else:  # [B, Hkv, ...] leaves: 1/2 (data) x 1/4 (model); per-row leaves (lengths, flags): 1/2
+        assert r["per_device"] * 8 == (r["cache_bytes"] - r["row_bytes"]) + 4 * r["row_bytes"]
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_data_axis_is_padded_with_throwaway_rows(checks):
+    r = checks["odd_batch"]
+    assert r["equal"] and r["rows"] == r["finish"] == r["batch"] == 3
+    assert r["seen"] == r["seen_expected"]
+    streamed = checks["odd_batch_streamed"]  # with suffixes and a streaming callback
+    assert streamed["equal"] and streamed["callbacks_equal"] and streamed["rows"] == [3] and streamed["steps"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["full", "h2o@0.5"])
+def test_replicated_head_layout_when_kv_heads_do_not_divide(checks, spec):
+    r = checks["replicated_head"][spec]
+    assert r["equal"], (r["single"], r["sharded"])
+    assert r["finish_equal"] and r["stats_equal"]
+    assert r["per_device"] * 2 == r["cache_bytes"], "rows over data, heads replicated over model"
+    assert checks["replicated_head_q_spec"] == "P()"
+    assert checks["replicated_head_mlp_spec"] == "P(None, 'model')"
+
+
+@pytest.mark.slow
+def test_decode_collectives_are_activation_sized_not_cache_sized(checks):
+    bound = B * H * D * L * 4
+    slot_axis = (B // MESH["data"]) * HLO_CAPACITY * 4  # the smallest collective carrying a slot axis
+    assert bound < slot_axis
+    programs = {**checks["hlo"], **{f"{k} (replicated heads)": v for k, v in checks["hlo_replicated_head"].items()}}
+    for name, r in programs.items():
+        assert r["capacity"] == HLO_CAPACITY
+        if name.startswith("tova"):
+            continue
+        assert "all-reduce" in r["ops"], f"{name}: the row-split projections need their all-reduce"
+        assert r["max_bytes"] <= bound, f"{name}: {r['largest']}"
+    # TOVA's score is the head mean of each slot's attention, a row-level score: its decode needs one
+    # f32[B/data, C] all-reduce per layer, which the bound above catches (so the check sees slot axes)
+    tova = checks["hlo"]["tova@0.5"]
+    assert tova["max_bytes"] == slot_axis and "1024" in tova["largest"]["line"]
+
+
+@pytest.mark.slow
+def test_bad_meshes_raise_clear_errors(checks):
+    e = checks["errors"]
+    assert e["unknown_axis"] == "mesh axis 'tensor' is unknown; allowed: data, model, expert, seq"
+    assert e["too_large"].startswith("mesh data=4 x model=4 needs 16 devices, only 8 available")
+    assert e["non_positive"] == "mesh axis 'data' has size 0; sizes must be integers >= 1"
+    assert "not axis=size" in e["malformed"]
+    assert e["model_axis"].startswith("mesh axis 'model' of size 8 divides none of kv_heads=6, query_heads=6, "
+                                      "mlp_hidden=36")
+    assert e["seq_axis"].startswith("mesh axis 'seq' has size 4; generation does not split")
