@@ -3,15 +3,17 @@
 Mesh axes (pikv_jax/parallel/mesh.py): `data` splits batch rows, `model` splits attention heads and
 MLP hidden units (the parameter rules are in pikv_jax/parallel/sharding.py), `expert` splits MoE
 expert weights. The jitted prefill and decode take these placements as their input shardings and
-keep the cache's on their outputs, so the donated cache stays in place and XLA inserts the
-collectives (per layer, activation-sized all-reduces after the row-split projections).
+pin the loop state's on their outputs, so the donated cache stays in place and XLA inserts the
+collectives (per layer, activation-sized all-reduces after the row-split projections, and
+gathers of the new token's key/value rows for the cache's scatter writes).
 
-Cache rules (`cache_shardings`): every cache leaf is batch-leading and its rows go over `data`.
-Per-head layouts (`LayerCache`, the KIVI `QuantizedLayerCache`, low-rank) also split their KV-head
-axis over `model` when the KV heads divide by its size, so each device stores the heads whose
-queries it computes; otherwise the cache is replicated over `model` (the replicated-head layout,
-matching the replicated attention of the parameter rules). Pooled layouts, whose slots mix heads,
-and per-row state are split over `data` only.
+Cache rules (`cache_shardings`): a leaf whose leading axis is the batch has its rows over `data`
+(a leaf without one, such as the low-rank layout's per-head bases, is replicated). Per-head
+layouts (`LayerCache`, the KIVI `QuantizedLayerCache`, low-rank) also split their KV-head axis
+over `model` when the KV heads divide by its size, so each device stores the heads whose queries
+it computes; otherwise the cache is replicated over `model` (the replicated-head layout, matching
+the replicated attention of the parameter rules). Pooled layouts, whose slots mix heads, and
+per-row state are split over `data` only.
 """
 
 from __future__ import annotations
