@@ -44,6 +44,9 @@ def test_info_json_lists_versions_devices_and_the_bundled_model():
     (["--top-k", "-2"], "--top-k"),
     (["--max-cache-tokens", "0"], "--max-cache-tokens"),
     (["--model", "/nonexistent"], "/nonexistent"),
+    (["--mesh", "rows=2"], "rows"),          # unknown axis name
+    (["--mesh", "data=64"], "64"),           # more devices than this machine has
+    (["--mesh", "data=0"], "data"),
 ])
 def test_bad_flag_values_exit_nonzero_naming_the_flag(capsys, argv, named):
     rc = cli.main(["generate", "--prompt", "hi", *argv])

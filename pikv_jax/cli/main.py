@@ -24,6 +24,7 @@ from pikv_jax.cli.moe_args import add_moe_args, apply_moe_args
 from pikv_jax.cli.serve_args import add_serve_args, cmd_serve
 from pikv_jax.eval.cli import add_eval_args, cmd_eval
 from pikv_jax.models.registry import bundled_model_path
+from pikv_jax.parallel import mesh_from_spec
 from pikv_jax.train.cli import add_distill_args, cmd_distill
 
 
@@ -54,6 +55,8 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter/compute dtype")
     p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16"],
                    help="KV cache dtype (default: the model dtype)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh for sharded generation, e.g. data=2,model=4 (axes: data, model)")
 
 
 def add_generate_args(p: argparse.ArgumentParser):
@@ -155,9 +158,10 @@ def cmd_generate(args) -> int:
     build_policy(args, num_layers=1)  # validate the flags before the (slow) model load
 
     validate_compress_args(args)
+    mesh = mesh_from_spec(args.mesh) if args.mesh else None  # validated before the slow load
     _say(f"loading {args.model}")
     model = PiKVModel.from_pretrained(args.model, dtype=args.dtype, cache_dtype=args.cache_dtype,
-                                      progress=_progress("loading tensors"))
+                                      progress=_progress("loading tensors"), mesh=mesh)
 
     model = apply_moe_args(args, model)
     policy = apply_compress(args, build_policy(args, model.config.num_hidden_layers), model)

@@ -71,7 +71,7 @@ def rebuild_with_config(pikv_model, cfg: ModelConfig):
     weights = model_to_hf_weights(pikv_model.model)
     model = build_model(cfg, weights, dtype=pikv_model.model.dtype, source=getattr(pikv_model, "name", "model"))
     return PiKVModel(model, pikv_model.tokenizer, cfg, cache_dtype=pikv_model.cache_dtype,
-                     policy=pikv_model.policy, name=pikv_model.name)
+                     policy=pikv_model.policy, name=pikv_model.name, mesh=pikv_model.mesh)
 
 
 __all__ = ["add_moe_args", "apply_moe_args", "moe_overrides", "rebuild_with_config"]

@@ -42,6 +42,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="bundled name (smollm2), a .gguf file, a Hugging Face folder, or random:<preset>")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default=None,
+                   help="device mesh for sharded generation, e.g. data=2,model=4 (axes: data, model)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method specs: full, h2o@0.25, snapkv@50%%, snapkv+h2o@0.25, "
                         "streaming_llm@256t, h2o(recent_ratio=0.3)@0.25 (default: full + streaming_llm, h2o, "
@@ -88,7 +90,8 @@ _FIELDS = {"model": "model", "dtype": "dtype", "tasks": "tasks", "contexts": "co
            "ruler_value_types": "ruler_value_types", "ruler_max_new_tokens": "ruler_max_new_tokens",
            "ppl_prefix": "ppl_prefix", "ppl_tokens": "ppl_tokens",
            "ppl_windows": "ppl_windows", "eviction_cache": "eviction_cache", "speed_context": "speed_context",
-           "speed_batches": "speed_batches", "out": "out", "name": "name"}
+           "speed_batches": "speed_batches", "out": "out", "name": "name",
+           "mesh": "mesh"}
 
 
 def config_from_args(args):

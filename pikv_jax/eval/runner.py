@@ -23,6 +23,7 @@ from pikv_jax.bench import goal, machine_info
 from pikv_jax.eval import passkey, perplexity, report, ruler
 from pikv_jax.eval.methods import parse_methods
 from pikv_jax.eval.speed import decode_speed
+from pikv_jax.parallel import mesh_from_spec, parse_mesh_spec
 
 TASKS = ("passkey", "ruler", "ppl", "fidelity", "speed")
 DEFAULT_METHODS = ("full", "streaming_llm@0.5", "streaming_llm@0.25", "h2o@0.5", "h2o@0.25", "snapkv@0.5",
@@ -35,6 +36,7 @@ class EvalConfig:
 
     model: str = "smollm2"
     dtype: str = "float32"
+    mesh: str | None = None  # a mesh spec such as "data=2,model=4" (None: one device)
     methods: Sequence[str] = DEFAULT_METHODS
     tasks: Sequence[str] = ("passkey", "ppl", "fidelity")
     # passkey
@@ -77,6 +79,8 @@ class EvalConfig:
     keep_partial: bool = False  # keep the checkpoint file after a complete run (to merge runs)
 
     def validate(self):
+        if self.mesh:
+            parse_mesh_spec(self.mesh)
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"unknown task {t!r} in --tasks; allowed: {', '.join(TASKS)}")
@@ -157,7 +161,8 @@ def run_eval(cfg: EvalConfig, model=None) -> dict:
     timings: dict[str, float] = {}
     if model is None:
         t0 = time.perf_counter()
-        model = PiKVModel.from_pretrained(cfg.model, dtype=cfg.dtype)
+        model = PiKVModel.from_pretrained(cfg.model, dtype=cfg.dtype,
+                                          mesh=mesh_from_spec(cfg.mesh) if cfg.mesh else None)
         timings["load_s"] = time.perf_counter() - t0
     codec = passkey.codec_for(model)
     tasks = set(cfg.tasks)

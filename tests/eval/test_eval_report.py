@@ -189,3 +189,10 @@ def test_checkpoint_round_trip(tmp_path):
     off = Checkpoint(None)
     off.put(["k"], 1)
     assert off.get(["k"]) is None
+
+
+def test_eval_refuses_a_bad_mesh_before_loading():
+    from pikv_jax.eval.runner import EvalConfig
+
+    with pytest.raises(ValueError, match="unknown mesh axis|rows"):
+        EvalConfig(mesh="rows=2").validate()
