@@ -98,8 +98,11 @@ def main(argv=None) -> int:
     full_slot = engine_for("full", num_slots=1).slot_bytes
     memory = args.cache_memory or int(args.full_slots * full_slot)
     engines = {spec: engine_for(spec, cache_memory=memory) for spec in methods}
+    # compile only the prompt buckets the workload and the passkey cases use
+    lengths = list(range(args.prompt_min, args.prompt_max + 1, 16)) + [args.prompt_max, args.passkey_context + 32]
+    widths = sorted({model.prompt_width([[0] * min(n, P)]) for n in lengths})
     for spec, e in engines.items():
-        t = warmup(e)
+        t = warmup(e, widths)
         print(f"[serve] {spec}: {e.num_slots} slots of {e.slot_bytes / 2**20:.2f} MiB, compiled in {t:.0f} s",
               file=sys.stderr)
     spec = WorkloadSpec(n_requests=args.requests, rate=args.rate, prompt_min=args.prompt_min,
