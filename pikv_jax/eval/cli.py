@@ -75,7 +75,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed-batches", type=_ints, default=None)
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run for CI (~3 min on 2 cores): 512-token contexts, 2 depths, 1 seed, "
-                        "full / snapkv@0.5 / streaming_llm@0.5, short perplexity and fidelity")
+                        "full / snapkv@0.5, short perplexity and fidelity")
     p.add_argument("--out", default="eval-out", help="output folder for <name>.json / .png / .md")
     p.add_argument("--name", default=None, help="file name stem (default eval, or eval-smoke with --smoke)")
     p.add_argument("--resume", action="store_true",

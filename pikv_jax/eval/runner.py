@@ -112,7 +112,7 @@ class EvalConfig:
 
 def smoke_config(**overrides) -> EvalConfig:
     """A run that fits CI (about 3 minutes on 2 CPU cores, model load and compiles included)."""
-    base = dict(methods=("full", "snapkv@0.5", "streaming_llm@0.5"), contexts=(512,), depths=(0.25, 0.75),
+    base = dict(methods=("full", "snapkv@0.5"), contexts=(512,), depths=(0.25, 0.75),
                 seeds=(0,), haystacks=("varied",), keys=(1,), batch_size=2, max_new_tokens=6,
                 tasks=("passkey", "ppl", "fidelity"), ppl_prefix=256, ppl_tokens=24, ppl_windows=1,
                 eviction_cache=64, eviction_factor=4, name="eval-smoke")

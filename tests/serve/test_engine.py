@@ -24,18 +24,18 @@ def _policy(model, spec):
 
 
 def _workload(model, n=9, seed=0, policy=None):
-    """Prompts of 3..96 tokens and max_new_tokens 1..12; with `policy`, every third request stops
-    on the third token its own greedy continuation produces (so stop tokens are hit)."""
+    """Prompts of 3..96 tokens and max_new_tokens of 1, 5 or 12 (few distinct settings, so the
+    reference `generate` calls compile few programs); with `policy`, every third request gets stop
+    ids holding the third token of its own greedy continuation (so stop tokens are hit)."""
     rng = np.random.default_rng(seed)
     lens = [3, 96, 40, 17, 70, 5, 64, 30, 88][:n]
-    reqs = []
-    for i, n_tok in enumerate(lens):
-        prompt = rng.integers(3, model.config.vocab_size, n_tok).tolist()
-        r = Request(prompt=prompt, max_new_tokens=int([12, 7, 1, 12, 9, 12, 4, 12, 10][i]), stop_ids=())
-        if policy is not None and i % 3 == 0:
-            toks = model.generate([prompt], r.max_new_tokens, policy=policy, stop_ids=()).token_ids[0]
-            r = dataclass_replace(r, stop_ids=(toks[min(2, len(toks) - 1)],))
-        reqs.append(r)
+    reqs = [Request(prompt=rng.integers(3, model.config.vocab_size, k).tolist(),
+                    max_new_tokens=[12, 5, 1, 12, 5, 12, 5, 12, 12][i], stop_ids=()) for i, k in enumerate(lens)]
+    if policy is not None:
+        stoppers = range(0, n, 3)
+        stop = tuple(model.generate([reqs[i].prompt], MAX_NEW, policy=policy, stop_ids=()).token_ids[0][2]
+                     for i in stoppers)
+        reqs = [dataclass_replace(r, stop_ids=stop) if i in stoppers else r for i, r in enumerate(reqs)]
     return reqs
 
 
