@@ -211,7 +211,8 @@ class PiKVModel:
         return ids + [ids[-1]] * extra, suffixes, callback
 
     def _place_inputs(self, *arrays):
-        """Per-row arrays over the mesh's `data` axis, scalars and keys replicated (None passes)."""
+        """Per-row arrays over the mesh's `data` axis, scalars and keys replicated (None passes); on
+        a mesh over several processes each process fills its own shards (`runtime.sharding.put`)."""
         out = []
         for x in arrays:
             if x is not None:
@@ -219,7 +220,7 @@ class PiKVModel:
                 per_row = ndim and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
                 sharding = (mesh_sharding.batch_sharding(self.mesh, ndim) if per_row
                             else mesh_sharding.replicated(self.mesh))
-                x = jax.device_put(x, sharding)
+                x = mesh_sharding.put(x, sharding)
             out.append(x)
         return out
 
@@ -309,15 +310,16 @@ class PiKVModel:
 
     def _finish(self, state, ids, prefill_s, decode_s, compile_s, policy, *, resident=None) -> GenerationOutput:
         rows = len(ids)  # real rows: a mesh may have padded the batch with throwaway rows after them
-        n = np.asarray(state.num_generated)[:rows]
-        toks = np.asarray(state.tokens)
-        finish = np.asarray(state.finish)[:rows]
+        host = mesh_sharding.to_host  # gathers arrays spread over several processes (every process calls it)
+        n = host(state.num_generated)[:rows]
+        toks = host(state.tokens)
+        finish = host(state.finish)[:rows]
         token_ids = [toks[i, : n[i]].tolist() for i in range(rows)]
         texts = [self.tokenizer.decode(t) if self.tokenizer else "" for t in token_ids]
         cache = state.cache
         cfg = self.config
-        lengths = np.asarray(cache.length)[:rows]
-        resident = cache.resident_tokens() if resident is None else np.asarray(resident)  # [L, B, Hkv]
+        lengths = host(cache.length)[:rows]
+        resident = cache.resident_tokens() if resident is None else host(resident)  # [L, B, Hkv]
         resident = resident[:, :rows]
         slots = sum(layer.slots_per_row for layer in cache.layers) * len(ids)
         decode_steps = int(state.step)

@@ -3,6 +3,12 @@
 
     python scripts/launch_multihost.py -n 2 --devices-per-process 4 -- \\
         python -m pikv_jax.moe.multihost_check --out /tmp/mh
+    python scripts/launch_multihost.py --processes 2 generate --mesh data=2,model=4 --method "h2o@0.5"
+
+After `--` comes any command; a subcommand instead names an entry point of this folder, given the
+arguments after it: `generate` runs scripts/multihost_generate.py (sharded `PiKVModel.generate` on
+one mesh over every process's devices; process 0 prints the ids as JSON), with 4 CPU devices per
+process unless --devices-per-process says otherwise.
 
 Each process gets PIKV_COORDINATOR=127.0.0.1:<free port>, PIKV_NUM_PROCESSES, PIKV_PROCESS_ID
 (read by `pikv_jax.parallel.multihost.initialize`), JAX_PLATFORMS=cpu unless set, and with
@@ -15,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ENTRY_POINTS = {"generate": (HERE / "multihost_generate.py", 4)}  # subcommand -> (script, default devices/process)
 
 
 def free_port() -> int:
@@ -90,9 +100,15 @@ def main(argv=None) -> int:
         argv, command = argv[:cut], argv[cut + 1:]
     else:
         command = []
-    p = argparse.ArgumentParser(description="Launch N JAX processes on this machine.")
-    p.add_argument("-n", "--num-processes", type=int, default=2)
-    p.add_argument("--devices-per-process", type=int, default=None, help="CPU devices per process")
+    default_devices = None
+    entry = next((i for i, a in enumerate(argv) if a in ENTRY_POINTS), None) if not command else None
+    if entry is not None:
+        script, default_devices = ENTRY_POINTS[argv[entry]]
+        argv, command = argv[:entry], [sys.executable, str(script), *argv[entry + 1:]]
+    p = argparse.ArgumentParser(description="Launch N JAX processes on this machine.",
+                                epilog=f"then `-- command ...` or a subcommand: {', '.join(ENTRY_POINTS)}")
+    p.add_argument("-n", "--num-processes", "--processes", type=int, default=2)
+    p.add_argument("--devices-per-process", type=int, default=default_devices, help="CPU devices per process")
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before every process is stopped")
     args = p.parse_args(argv)

@@ -22,14 +22,17 @@ import collections
 import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pikv_jax.cache.state import KVCache, PerHeadSlotCache
 from pikv_jax.config import ModelConfig
 from pikv_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, MESH_AXES, MODEL_AXIS, SEQ_AXIS
-from pikv_jax.parallel.sharding import shard_state, split_counts
+from pikv_jax.parallel.sharding import global_array, shard_state, split_counts
 from pikv_jax.runtime.generate import DecodeState
 
 
@@ -138,6 +141,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (a host or single-device value every process holds in full) placed with `sharding`.
+
+    One process: `jax.device_put`. A mesh over several processes: each process fills only its own
+    shards from its copy (`global_array`; no cross-process check or transfer), and a PRNG key goes
+    as its key data, wrapped again on the mesh (device_put refuses key arrays there)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(global_array(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    return global_array(x, sharding)
+
+
+def to_host(x) -> np.ndarray:
+    """`x` as one NumPy array. An array spread over several processes is gathered from all of them
+    (`process_allgather`, a collective: every process must call it, in the same order); anything
+    this process holds in full (one process, or fully replicated) is read directly."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def padded_batch(batch: int, mesh: Mesh | None) -> int:
     """Rows generation runs for `batch` prompts: rounded up to a multiple of the `data` axis."""
     d = axis_size(mesh, DATA_AXIS)
@@ -160,4 +185,5 @@ def mesh_summary(mesh: Mesh) -> dict[str, int]:
 
 
 __all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_mesh", "mesh_summary",
-           "model_counts", "padded_batch", "place_params", "replicated", "state_shardings", "with_shardings"]
+           "model_counts", "padded_batch", "place_params", "put", "replicated", "state_shardings", "to_host",
+           "with_shardings"]
