@@ -227,6 +227,78 @@ def rss_mb() -> float:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
+# ---------------------------------------------------------------- collectives of a compiled program
+
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVE_OPS) + r")(-start)?\(")
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
+_DTYPE_BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, f16=2, bf16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"\b(?:body|condition|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)"
+                     r"|\bbranch_computations=\{([^}]*)\}")
+
+
+def _shape_bytes(text: str) -> list[int]:
+    return [_DTYPE_BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for t, dims in _SHAPE.findall(text)]
+
+
+def hlo_collectives(hlo: str) -> list[dict]:
+    """Every collective instruction (all-reduce, all-gather, all-to-all, collective-permute,
+    reduce-scatter; an async `-start` counted once under its op) of an HLO module's text, e.g. a
+    compiled program's `as_text()`, as {op, bytes, largest_array, computation, in_loop, line}.
+
+    bytes: of the instruction's result, summed over a tuple's elements (several arrays combined into
+    one all-reduce): what an all-reduce, all-to-all or collective-permute exchanges per device, the
+    gathered size of an all-gather, the scattered piece of a reduce-scatter. An async start whose
+    result pairs input and output (all-gather-start, collective-permute-start) counts its largest array.
+    largest_array: bytes of the largest single array of the result (a tuple's biggest element).
+    in_loop: the instruction's computation is reached from a while loop's body or condition, so it
+    runs once per iteration (for a decode program, once per decode step; once per inner iteration
+    for a loop nested in the step)."""
+    computation, calls, found = None, {}, []
+    loop_roots: set[str] = set()
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            computation = header.group(1)
+            calls.setdefault(computation, set())
+            continue
+        for single, group in _CALLED.findall(line):
+            names = [single] if single else [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+            calls.setdefault(computation, set()).update(names)
+            if " while(" in line:
+                loop_roots.update(names)
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        sizes = _shape_bytes(m.group(1))
+        paired = m.group(3) and m.group(2) in ("all-gather", "collective-permute")
+        found.append(dict(op=m.group(2), bytes=max(sizes, default=0) if paired else sum(sizes),
+                          largest_array=max(sizes, default=0), computation=computation, line=line.strip()[:200]))
+    in_loop, todo = set(), list(loop_roots)
+    while todo:
+        name = todo.pop()
+        if name not in in_loop:
+            in_loop.add(name)
+            todo.extend(calls.get(name, ()))
+    for c in found:
+        c["in_loop"] = c["computation"] in in_loop
+    return found
+
+
+def collective_summary(found: Sequence[Mapping]) -> dict:
+    """{"count", "bytes", "by_op": {op: {"count", "bytes"}}} of `hlo_collectives` entries (pass the
+    in-loop ones for the collectives of one decode step)."""
+    by_op: dict[str, dict] = {}
+    for c in found:
+        entry = by_op.setdefault(c["op"], {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += int(c["bytes"])
+    return {"count": len(found), "bytes": sum(int(c["bytes"]) for c in found),
+            "by_op": dict(sorted(by_op.items()))}
+
+
 def write_json(path: str, payload: dict) -> None:
     """Writes `payload` to `path` (creating its folder) and says where."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -5,14 +5,14 @@ What it measures on a 2 x 4 (data x model) mesh, for tiny random Llama-shaped mo
 - greedy token ids of sharded and single-device generation, per cache method, and whether the
   method evicted (kept < seen);
 - cache bytes per device (from the arrays' shards) against the single-device cache bytes;
-- the collectives of the compiled decode program at a 1024-slot cache: op, shape, bytes;
+- the collectives of the compiled decode program at a 1024-slot cache (`pikv_jax.bench.hlo_collectives`):
+  ops, count, and the largest single array any of them moves;
 - the error messages of bad meshes.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pikv_jax.api import PiKVModel, generation_functions
+from pikv_jax.bench import hlo_collectives
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
@@ -39,9 +40,6 @@ CONTEXT = 64
 HLO_CAPACITY = 1024
 NUM_LAYERS = 2
 
-COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
-SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([0-9,]*)\]")
-BYTES = dict(pred=1, s8=1, u8=1, s16=2, u16=2, f16=2, bf16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8)
 
 
 def config(kv_heads: int):
@@ -90,20 +88,6 @@ def row_state_bytes(model: PiKVModel, policy) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim <= 1)
 
 
-def collectives(hlo: str) -> list[dict]:
-    """Every collective instruction of an HLO module: op name and the bytes of its largest shape
-    (result or operand) on the line."""
-    found = []
-    for line in hlo.splitlines():
-        m = COLLECTIVE.search(line)
-        if not m or "=" not in line:
-            continue
-        sizes = [BYTES[t] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-                 for t, dims in SHAPE.findall(line)]
-        found.append(dict(op=m.group(1), bytes=max(sizes, default=0), line=line.strip()[:160]))
-    return found
-
-
 def decode_hlo(model: PiKVModel, spec: str) -> dict:
     """The collectives of `model`'s compiled decode program (the while loop of decode steps) at a
     cache of HLO_CAPACITY slots per layer, compiled as `generate` compiles it."""
@@ -122,9 +106,11 @@ def decode_hlo(model: PiKVModel, spec: str) -> dict:
     prefill, decode = generation_functions(loop, model.mesh)
     state = jax.eval_shape(prefill, model.params, tokens, lengths, cache, key, None, None)
     state = ms.with_shardings(state, ms.state_shardings(state, model.mesh))
-    found = collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
-    return dict(count=len(found), max_bytes=max((c["bytes"] for c in found), default=0),
-                ops=sorted({c["op"] for c in found}), largest=max(found, key=lambda c: c["bytes"], default=None),
+    found = hlo_collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
+    # per array: XLA may combine several all-reduces (e.g. one per layer) into one tuple-shaped instruction
+    return dict(count=len(found), max_bytes=max((c["largest_array"] for c in found), default=0),
+                ops=sorted({c["op"] for c in found}),
+                largest=max(found, key=lambda c: c["largest_array"], default=None),
                 capacity=max(cache.capacities()))
 
 

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pikv_jax.api import PiKVModel
+from pikv_jax.bench import collective_summary, hlo_collectives
 from pikv_jax.config import tiny_config
 from pikv_jax.parallel import mesh_from_spec, param_spec, parse_mesh_spec, split_counts
 
@@ -87,6 +88,42 @@ def test_no_mesh_path_reports_bytes_per_device_and_no_mesh():
     out = model.generate([[5, 6, 7, 8]], 3)
     assert model.mesh is None and "mesh" not in out.stats
     assert out.stats["cache_bytes_per_device"] == out.stats["cache_bytes"]
+
+
+HLO = """\
+%add (x: f32[], y: f32[]) -> f32[] {
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%step (p: (s32[], f32[2,128])) -> (s32[], f32[2,128]) {
+  %ar = (f32[2,128]{1,0}, pred[2]{0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
+  %ag = s32[4,8]{1,0} all-gather-start(%c), channel_id=2, dimensions={0}
+}
+
+%cond (p: (s32[], f32[2,128])) -> pred[] {
+  %cp = s32[2,2]{1,0} collective-permute(%d), channel_id=3, source_target_pairs={{0,1},{1,0}}
+}
+
+ENTRY %main (a: f32[2,128]) -> f32[8,128] {
+  %w = (s32[], f32[2,128]) while(%t), condition=%cond, body=%step
+  %ag2 = (f32[2,128]{1,0}, f32[8,128]{1,0}) all-gather-start(%a), channel_id=4, dimensions={0}
+  %rs = bf16[1,128]{1,0} reduce-scatter(%e), channel_id=5, dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_hlo_collectives_parses_ops_bytes_and_the_loop():
+    found = hlo_collectives(HLO)
+    got = [(c["op"], c["bytes"], c["largest_array"], c["computation"], c["in_loop"]) for c in found]
+    assert got == [("all-reduce", 2 * 128 * 4 + 2, 2 * 128 * 4, "step", True),  # a tuple: summed
+                   ("all-gather", 4 * 8 * 4, 4 * 8 * 4, "step", True),
+                   ("collective-permute", 16, 16, "cond", True),  # the loop condition runs every step too
+                   ("all-gather", 8 * 128 * 4, 8 * 128 * 4, "main", False),  # async (input, output): the output
+                   ("reduce-scatter", 256, 256, "main", False)]
+    step = collective_summary([c for c in found if c["in_loop"]])
+    assert step == {"count": 3, "bytes": 1026 + 128 + 16, "by_op": {
+        "all-gather": {"count": 1, "bytes": 128}, "all-reduce": {"count": 1, "bytes": 1026},
+        "collective-permute": {"count": 1, "bytes": 16}}}
 
 
 # ---------------------------------------------------------------------------------- 8 devices
