@@ -247,4 +247,7 @@ def test_jit_equals_eager(name, data):
     for se, sj in ((eager[3], jitted[3]), (eager[4], jitted[4])):
         np.testing.assert_array_equal(se["length"], sj["length"])
         for layer in range(len(se["pos"])):
-            np.testing.assert_array_equal(se["pos"][layer], sj["pos"][layer])
+            # slots are unordered (state.py): with evict_every > 1, which of the freed slots takes the
+            # new token follows lax.top_k's order of near-equal scores, which fused and op-by-op float
+            # code may break differently; the resident positions of each (row, head) must agree
+            np.testing.assert_array_equal(np.sort(se["pos"][layer], axis=-1), np.sort(sj["pos"][layer], axis=-1))
