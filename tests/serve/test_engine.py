@@ -8,6 +8,9 @@ On the tiny random Llama of conftest (`tiny_lm`), whose greedy continuations var
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
@@ -35,7 +38,7 @@ def _workload(model, n=9, seed=0, policy=None):
         stoppers = range(0, n, 3)
         stop = tuple(model.generate([reqs[i].prompt], MAX_NEW, policy=policy, stop_ids=()).token_ids[0][2]
                      for i in stoppers)
-        reqs = [dataclass_replace(r, stop_ids=stop) if i in stoppers else r for i, r in enumerate(reqs)]
+        reqs = [dataclasses.replace(r, stop_ids=stop) if i in stoppers else r for i, r in enumerate(reqs)]
     return reqs
 
 
@@ -84,15 +87,9 @@ def test_seeded_sampling_equals_generate_alone(tiny_lm):
         assert h.tokens == _alone(model, engine, r)[0]
     again = Engine(model, None, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW, num_slots=2)
     h2 = again.submit(reqs[0])
-    other = again.submit(dataclass_replace(reqs[0], seed=99))
+    other = again.submit(dataclasses.replace(reqs[0], seed=99))
     again.run_until_idle(timeout=600)
     assert h2.tokens == handles[0].tokens and other.tokens != handles[0].tokens
-
-
-def dataclass_replace(r, **kw):
-    import dataclasses
-
-    return dataclasses.replace(r, **kw)
 
 
 def test_slots_from_memory_budget_and_compression_buys_slots(tiny_lm):
@@ -103,8 +100,7 @@ def test_slots_from_memory_budget_and_compression_buys_slots(tiny_lm):
     assert e_full.num_slots == 4
     assert e_full.cache_bytes_allocated <= budget
     # the allocated pool is what the arrays take: slot_bytes per slot, measured from the pool itself
-    assert e_full.cache_bytes_allocated == sum(x.nbytes for x in __import__("jax").tree_util.tree_leaves(
-        e_full.state.cache))
+    assert e_full.cache_bytes_allocated == sum(x.nbytes for x in jax.tree_util.tree_leaves(e_full.state.cache))
     small = Engine(model, _policy(model, "h2o@0.25"), max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW,
                    cache_memory=budget)
     ratio = full.slot_bytes / small.slot_bytes
@@ -115,7 +111,7 @@ def test_slots_from_memory_budget_and_compression_buys_slots(tiny_lm):
 def test_cancel_frees_the_slot_and_leaves_others_exact(tiny_lm):
     model, _ = tiny_lm
     engine = Engine(model, None, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW, num_slots=2, steps_per_visit=2)
-    reqs = [dataclass_replace(r, max_new_tokens=MAX_NEW, stop_ids=()) for r in _workload(model, 3, seed=5)]
+    reqs = [dataclasses.replace(r, max_new_tokens=MAX_NEW, stop_ids=()) for r in _workload(model, 3, seed=5)]
     a, b, c = (engine.submit(r) for r in reqs)
     engine.step()
     a.cancel()
@@ -166,7 +162,7 @@ def test_bad_requests_and_settings_raise_clear_errors(tiny_lm):
 def test_a_failing_callback_cancels_only_its_request_and_shutdown_restart(tiny_lm):
     model, _ = tiny_lm
     engine = Engine(model, None, max_prompt_tokens=MAX_PROMPT, max_new_tokens=MAX_NEW, num_slots=2, steps_per_visit=2)
-    reqs = [dataclass_replace(r, max_new_tokens=MAX_NEW, stop_ids=()) for r in _workload(model, 2, seed=7)]
+    reqs = [dataclasses.replace(r, max_new_tokens=MAX_NEW, stop_ids=()) for r in _workload(model, 2, seed=7)]
 
     def boom(handle, token):
         raise RuntimeError("client went away")
