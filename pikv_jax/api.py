@@ -346,6 +346,8 @@ class PiKVModel:
         )
         if self.mesh is not None:
             stats["mesh"] = mesh_sharding.mesh_summary(self.mesh)
+        if hasattr(policy, "generation_stats"):  # a policy's own measurements (expert_kv: shard loads, bytes read)
+            stats.update(policy.generation_stats(cache, rows, to_host=host))
         self._stats = stats
         return GenerationOutput(texts=texts, token_ids=token_ids,
                                 finish_reasons=[FINISH_REASONS[int(f)] for f in finish],

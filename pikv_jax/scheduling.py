@@ -56,9 +56,10 @@ class SchedulingPolicy(enum.Enum):
     ADAKV = "adakv"
     KNORM = "knorm"
     KEYDIFF = "keydiff"
+    EXPERT_KV = "expert_kv"
 
 
-_EVICTS_ON_ITS_OWN = ("h2o", "lru", "tova", "knorm", "streaming_llm")
+_EVICTS_ON_ITS_OWN = ("h2o", "lru", "tova", "knorm", "streaming_llm", "expert_kv")
 # policies whose scores need the model itself (queries before RoPE and the RoPE frequencies; a
 # reconstruction pass through every layer), which a standalone manager fed K/V does not have
 MODEL_ONLY = ("expected_attention", "kvzip")

@@ -345,7 +345,19 @@ def _duo(budget, options, ctx: BuildContext):
     return DuoAttention(pattern=pattern, **opts)
 
 
+def _expert_kv(budget, options, ctx: BuildContext):
+    """expert_kv(shards=4,top_k=1,evict=h2o)@0.25: expert-sharded KV storage (cache/policies/expert_kv.py);
+    without a budget every token is kept. top_k=all (or None, the default) attends over every shard."""
+    opts = dict(options)
+    if isinstance(opts.get("top_k"), str) and opts["top_k"].lower() in ("all", "none"):
+        opts["top_k"] = None
+    if budget is not None:
+        opts.update(budget.as_options())
+    return make_policy("expert_kv", num_layers=ctx.num_layers, **opts)
+
+
 register_method("quest", _quest)
+register_method("expert_kv", _expert_kv, needs_budget=False)
 register_method("duo_attention", _duo, needs_budget=False)
 
 

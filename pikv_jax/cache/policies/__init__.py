@@ -10,6 +10,7 @@ from pikv_jax.cache.policies.base import CachePolicy, FullCache, PrefillContext,
 from pikv_jax.cache.policies.composite import Composite
 from pikv_jax.cache.policies.duo_attention import DuoAttention
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
+from pikv_jax.cache.policies.expert_kv import ExpertKV
 from pikv_jax.cache.policies.h2o import H2O
 from pikv_jax.cache.policies.knorm import KeyDiff, Knorm
 from pikv_jax.cache.policies.kvzip import KVzip
@@ -34,6 +35,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
     "kvzip": KVzip,
     "duo_attention": DuoAttention,
     "quest": Quest,
+    "expert_kv": ExpertKV,
 }
 ALIASES = {"none": "full", "streamingllm": "streaming_llm", "streaming": "streaming_llm"}
 
@@ -65,6 +67,6 @@ def make_policy(name: str, *, num_layers: int | None = None, **options) -> Cache
     return cls(**options)
 
 
-__all__ = ["CachePolicy", "Composite", "FullCache", "H2O", "KeyDiff", "Knorm", "LRU", "POLICIES", "PrefillContext",
-           "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "init_policy_cache", "make_policy", "policy_class",
-           "register_policy"]
+__all__ = ["CachePolicy", "Composite", "ExpertKV", "FullCache", "H2O", "KeyDiff", "Knorm", "LRU", "POLICIES",
+           "PrefillContext", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "init_policy_cache", "make_policy",
+           "policy_class", "register_policy"]
