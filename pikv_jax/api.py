@@ -27,6 +27,7 @@ from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.intmath import round_up
 from pikv_jax.models.llama import CausalLM
+from pikv_jax.models.moe_llama import shard_moe_layers
 from pikv_jax.models.registry import load_pretrained
 from pikv_jax.models.tokenizer import Tokenizer
 from pikv_jax.models.weights import random_model
@@ -89,6 +90,8 @@ class PiKVModel:
         self.config = config
         self.name = name
         self.mesh = mesh
+        if mesh is not None:  # MoE blocks run their experts where the rules place them (static: before split)
+            shard_moe_layers(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         if mesh is not None:  # the module then holds the placed arrays too (no second full copy)
             self.params = mesh_sharding.place_params(self.params, config, mesh)

@@ -91,6 +91,18 @@ def row_state_bytes(model: PiKVModel, policy) -> int:
 def decode_hlo(model: PiKVModel, spec: str) -> dict:
     """The collectives of `model`'s compiled decode program (the while loop of decode steps) at a
     cache of HLO_CAPACITY slots per layer, compiled as `generate` compiles it."""
+    return hlo_summary(*decode_collectives(model, spec))
+
+
+def hlo_summary(found: list[dict], capacity: int) -> dict:
+    # per array: XLA may combine several all-reduces (e.g. one per layer) into one tuple-shaped instruction
+    return dict(count=len(found), max_bytes=max((c["largest_array"] for c in found), default=0),
+                ops=sorted({c["op"] for c in found}),
+                largest=max(found, key=lambda c: c["largest_array"], default=None), capacity=capacity)
+
+
+def decode_collectives(model: PiKVModel, spec: str) -> tuple[list[dict], int]:
+    """(`hlo_collectives` of the decode program that `decode_hlo` describes, its cache capacity)."""
     policy = model.bind_policy(parse_method(spec, model=model, context_len=CONTEXT).policy)
     cfg = model.config
     tokens, lengths = model.pad_prompt_batch(prompts())
@@ -107,11 +119,7 @@ def decode_hlo(model: PiKVModel, spec: str) -> dict:
     state = jax.eval_shape(prefill, model.params, tokens, lengths, cache, key, None, None)
     state = ms.with_shardings(state, ms.state_shardings(state, model.mesh))
     found = hlo_collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
-    # per array: XLA may combine several all-reduces (e.g. one per layer) into one tuple-shaped instruction
-    return dict(count=len(found), max_bytes=max((c["largest_array"] for c in found), default=0),
-                ops=sorted({c["op"] for c in found}),
-                largest=max(found, key=lambda c: c["largest_array"], default=None),
-                capacity=max(cache.capacities()))
+    return found, max(cache.capacities())
 
 
 def errors() -> dict:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pikv_jax.config import ModelConfig
+from pikv_jax.moe.expert_parallel import ExpertParallel
 from pikv_jax.moe.experts import PROJECTIONS
 from pikv_jax.moe.pikv_moe import PiKVMoE
 
@@ -69,6 +70,20 @@ def moe_layers(model) -> list[PiKVMoE]:
     return [layer.mlp for layer in model.layers if isinstance(layer.mlp, PiKVMoE)]
 
 
+def shard_moe_layers(model, mesh, *, expert_axis: str = "expert") -> int:
+    """Makes every MoE block of `model` run expert-parallel over `mesh`'s `expert_axis` (call before
+    `nnx.split`: the placement is static, part of the graph definition) when that axis is larger
+    than 1 and divides the experts, which is when the parameter rules split the expert weights over
+    it; otherwise the blocks keep one device's path. Returns the number of blocks made parallel."""
+    size = 1 if mesh is None else int(dict(mesh.shape).get(expert_axis, 1))
+    n = 0
+    for m in moe_layers(model):
+        parallel = size > 1 and m.num_experts % size == 0
+        m.shard_experts(ExpertParallel(mesh, expert_axis=expert_axis) if parallel else None)
+        n += parallel
+    return n
+
+
 def moe_stats(model) -> list[dict]:
     """Per-layer host-side routing statistics of the model's last forward (eager or under nnx.jit)."""
     return [m.get_stats() for m in moe_layers(model)]
@@ -88,4 +103,4 @@ def moe_aux_loss(model):
     return total
 
 
-__all__ = ["moe_aux_loss", "moe_hf_sources", "moe_layers", "moe_mlp", "moe_stats"]
+__all__ = ["moe_aux_loss", "moe_hf_sources", "moe_layers", "moe_mlp", "moe_stats", "shard_moe_layers"]

@@ -41,6 +41,7 @@ from pikv_jax.moe.dispatch import (
     tokens_per_expert,
     unsort_and_combine,
 )
+from pikv_jax.moe.expert_parallel import ExpertParallel, expert_parallel_output
 from pikv_jax.moe.experts import Experts, SharedExpert
 from pikv_jax.moe.routers import BaseRouter, Routing, create_moe_router
 
@@ -178,6 +179,7 @@ class PiKVMoE(nnx.Module):
         self.dropless, self.num_groups = dropless, num_groups
         self.dtype = dtype
         self.stats = MoEStats(None)
+        self.expert_parallel: ExpertParallel | None = None  # set by `shard_experts` (static placement)
 
     # ------------------------------------------------------------------ pieces
 
@@ -189,9 +191,17 @@ class PiKVMoE(nnx.Module):
         if t % self.num_groups:
             raise ValueError(f"num_groups={self.num_groups} must divide the number of tokens T={t}")
 
+    def shard_experts(self, ep: ExpertParallel | None) -> "PiKVMoE":
+        """Runs the experts split over `ep.expert_axis` (pikv_jax/moe/expert_parallel.py) from now on;
+        None: one device's path. The weights must be placed P(expert_axis) on `ep.mesh`."""
+        self.expert_parallel = None if ep is None else ep.check(self.num_experts)
+        return self
+
     def _experts_output(self, x2, routing: Routing, training: bool):
         """-> (y f32[T, H], processed i32[E], dropped i32[], capacity)."""
         t = x2.shape[0]
+        if self.expert_parallel is not None:
+            return self._expert_parallel_output(x2, routing, training)
         if self.dropless:
             sd = sort_by_expert(routing.expert_idx, routing.active, self.num_experts)
             ys = self.experts.ragged(x2[sd.token], sd.group_sizes)
@@ -202,6 +212,24 @@ class PiKVMoE(nnx.Module):
         y, processed, dropped = grouped_capacity_moe(x2, routing, self.num_experts, cap, self.num_groups,
                                                      self.experts.capacity)
         return y, processed, dropped, cap
+
+    def _expert_parallel_output(self, x2, routing: Routing, training: bool):
+        """The same result as one device's path: kept assignments decided in the global view (the
+        capacity queues over the same groups), the experts run where their weights are."""
+        t, e = x2.shape[0], self.num_experts
+        if self.dropless:
+            kept, dropped, cap = routing.active, jnp.int32(0), t
+        else:
+            self._check_groups(t)
+            cap = self.capacity(t, training)
+            g = self.num_groups
+            split = lambda a: a.reshape((g, t // g) + a.shape[1:])
+            _, kept, dropped = jax.vmap(lambda i, a: capacity_positions(i, a, e, cap))(
+                split(routing.expert_idx), split(routing.active))
+            kept, dropped = kept.reshape(routing.active.shape), jnp.sum(dropped)
+        y = expert_parallel_output(self.expert_parallel, x2.astype(self.dtype), routing.expert_idx, routing.gates,
+                                   kept, self.experts.weights(), self.experts.lora_scale)
+        return y, tokens_per_expert(routing.expert_idx, kept, e), dropped, cap
 
     def shared_output(self, x2):
         """f32[T, H]: the gated shared expert's contribution (0 without one)."""
