@@ -22,7 +22,12 @@ from jax.sharding import Mesh
 
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache, map_policies
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
-from pikv_jax.cache.policies.kvzip import REPEAT_INSTRUCTION, context_scorer, with_repeat_prompt
+from pikv_jax.cache.policies.kvzip import (
+    REPEAT_INSTRUCTION,
+    context_scorer,
+    with_layer_fractions,
+    with_repeat_prompt,
+)
 from pikv_jax.cache.state import full_bf16_bytes
 from pikv_jax.config import ModelConfig
 from pikv_jax.intmath import round_up
@@ -100,6 +105,7 @@ class PiKVModel:
         self.policy = policy if policy is not None else CachePolicy()
         self._compiled: collections.OrderedDict = collections.OrderedDict()  # LRU of compiled programs
         self._stats: dict = {}
+        self._calibrated: dict = {}  # calibration results per setting (KVzip's global layer shares)
 
     # ------------------------------------------------------------------ construction
 
@@ -172,6 +178,7 @@ class PiKVModel:
                      for i in range(self.config.num_hidden_layers))
         if max_cache_tokens is not None:
             caps = tuple(min(c, max(max_cache_tokens, tokens.shape[1])) for c in caps)
+        caps = mesh_sharding.seq_capacities(caps, policy.evicts, self.mesh)  # a `seq` axis needs multiples of it
         loop = GenerationLoop(graphdef=self.graphdef, policy=policy, sampling=sampling,
                               max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids) if stop_ids is not None
                               else self.stop_ids(), callback=callback)
@@ -367,7 +374,22 @@ class PiKVModel:
         kvzip = context_scorer(policy)
         if kvzip is not None and not kvzip.repeat_prompt_ids and self.tokenizer is not None:
             policy = with_repeat_prompt(policy, self.tokenizer.encode(REPEAT_INSTRUCTION, add_bos=False))
+            kvzip = context_scorer(policy)
+        if kvzip is not None and kvzip.budget_scope == "global" and not kvzip.layer_fractions:
+            policy = with_layer_fractions(policy, self._kvzip_fractions(policy, kvzip))
         return policy
+
+    def _kvzip_fractions(self, policy: CachePolicy, kvzip) -> tuple[float, ...]:
+        """Calibrated layer shares of a global KVzip budget (runtime.capture), once per setting."""
+        if policy.budget_ratio is None:
+            raise ValueError(f"kvzip(budget_scope=global) needs a ratio budget on {policy.label!r} (e.g. @0.25); "
+                             "budget_tokens has no ratio to calibrate")
+        key = ("kvzip_fractions", kvzip.repeat_prompt_ids, kvzip.chunk_size, policy.budget_ratio, policy.n_sink,
+               policy.window)
+        if key not in self._calibrated:
+            self._calibrated[key] = capture.kvzip_layer_fractions(self, kvzip, policy.budget_ratio,
+                                                                  n_sink=policy.n_sink, window=policy.window)
+        return self._calibrated[key]
 
     def teacher_forced(self, prompts, continuations, *, policy: CachePolicy | None = None,
                        full_logprobs: bool = False):

@@ -7,6 +7,7 @@ records the layer's queries, so each layer's post-RoPE queries, keys and values 
 same code path generation uses (no copy of the forward pass). `calibration_ids` gives the default
 calibration text: the opening paragraphs of the shipped varied haystack (pikv_jax/data), which
 the evaluation never scores (its held-out perplexity text is the end of that file).
+`kvzip_layer_fractions` calibrates the layer shares of KVzip's global budget on the same text.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import math
 from typing import ClassVar, Sequence
 
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext, init_policy_cache
+from pikv_jax.cache.policies.kvzip import KVzip
 from pikv_jax.compress.base import LayerQKV
 from pikv_jax.runtime import forward
 from pikv_jax.runtime.generate import pad_prompts
@@ -86,3 +89,42 @@ def capture_qkv(model, prompts: Sequence[Sequence[int]] | None = None, *, max_to
     pos = np.where(np.arange(s)[None] < lengths[:, None], np.arange(s)[None], -1).astype(np.int32)
     return [LayerQKV(q=np.asarray(layer.extra["q"], np.float32), k=np.asarray(layer.k, np.float32),
                      v=np.asarray(layer.v, np.float32), pos=pos) for layer in out.layers]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _kvzip_scores(graphdef, params, tokens, lengths, repeat_ids, chunk_size):
+    return forward.reconstruction_scores(nnx.merge(graphdef, params), tokens, lengths, repeat_ids, chunk_size)
+
+
+def kvzip_layer_fractions(model, kvzip: KVzip, budget_ratio: float, *, n_sink: int, window: int,
+                          max_tokens: int = 1024) -> tuple[float, ...]:
+    """Each layer's share of a global KVzip budget (mean 1): KVzip scores of the calibration text
+    for every (layer, KV head, token), the sinks and recent window removed (every layer keeps
+    those), ranked together; the top Hkv x L x (ceil(ratio x S) - protected) are kept, and a
+    layer's share is its count over the mean count. The paper ranks per prompt; the static cache
+    shapes of jit fix the split per model instead (cache/policies/kvzip.py)."""
+    if not 0.0 < budget_ratio <= 1.0:
+        raise ValueError(f"kvzip(budget_scope=global) needs a budget ratio in (0, 1], got {budget_ratio!r}")
+    graphdef, params, _ = _model_parts(model)
+    ids = calibration_ids(model, max_tokens)
+    s = len(ids)
+    scores = _kvzip_scores(graphdef, params, jnp.asarray([ids], jnp.int32), jnp.asarray([s], jnp.int32),
+                           tuple(kvzip.repeat_prompt_ids), kvzip.chunk_size)
+    stacked = np.stack([np.asarray(x[0], np.float32) for x in scores])  # [L, Hkv, S]
+    return global_layer_fractions(stacked, budget_ratio, n_sink=n_sink, window=window)
+
+
+def global_layer_fractions(scores: np.ndarray, budget_ratio: float, *, n_sink: int, window: int) -> tuple[float, ...]:
+    """Layer shares (mean 1) of the top Hkv x L x (ceil(ratio x S) - protected) of `scores`
+    f32[L, Hkv, S] ranked together, the first `n_sink` and last `window` positions left out (ties:
+    lower layer, head, position first). All ones when nothing is left to choose."""
+    n_layers, hk, s = scores.shape
+    protected = (np.arange(s) < n_sink) | (np.arange(s) >= s - window)
+    per_head = max(0, math.ceil(budget_ratio * s) - int(protected.sum()))
+    total = n_layers * hk * per_head
+    if total == 0:
+        return (1.0,) * n_layers
+    ranked = np.where(protected[None, None, :], -np.inf, np.asarray(scores, np.float64)).ravel()
+    top = np.argsort(-ranked, kind="stable")[:total]
+    counts = np.bincount(top // (hk * s), minlength=n_layers).astype(np.float64)
+    return tuple(float(round(c / counts.mean(), 4)) for c in counts)

@@ -80,3 +80,60 @@ def test_wrappers_find_and_fill_the_scorer():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KVzip(budget_ratio=0.5, **kwargs)
+
+
+def test_global_layer_fractions_match_a_threshold_count():
+    """The global ranking against an independent count: with distinct scores, a layer's share is
+    the number of its unprotected scores at or above the total-th largest, over the mean count."""
+    from pikv_jax.runtime.capture import global_layer_fractions
+
+    rng = np.random.default_rng(3)
+    for ratio, n_sink, window in [(0.25, 2, 3), (0.5, 0, 0), (0.5, 4, 8)]:
+        scores = rng.permutation(5 * 3 * 40).reshape(5, 3, 40).astype(np.float32) * (1 + np.arange(5))[:, None, None]
+        got = global_layer_fractions(scores, ratio, n_sink=n_sink, window=window)
+        body = scores[:, :, n_sink: 40 - window]
+        total = 5 * 3 * (int(np.ceil(ratio * 40)) - n_sink - window)
+        threshold = np.sort(body.ravel())[::-1][total - 1]
+        counts = (body >= threshold).sum(axis=(1, 2))
+        np.testing.assert_allclose(got, counts / counts.mean(), atol=1e-4)
+        assert abs(np.mean(got) - 1) < 1e-3 and got[-1] > got[0]  # later layers score higher here
+    assert global_layer_fractions(np.ones((3, 2, 8)), 0.25, n_sink=1, window=1) == (1.0, 1.0, 1.0)  # nothing to choose
+
+
+def test_global_scope_spreads_the_same_total_over_layers():
+    """kvzip(budget_scope=global) through generate: bind_policy calibrates layer shares (mean 1), the
+    layers' caches get unequal sizes, their total stays within rounding of the uniform total, every
+    layer keeps each row's sinks, and adakv(kvzip(global)) gets the same shares."""
+    model = PiKVModel.from_config(ph.tiny_model()[0])
+    uniform = KVzip(budget_ratio=0.25, chunk_size=16, n_sink=2)
+    bound = model.bind_policy(KVzip(budget_ratio=0.25, chunk_size=16, n_sink=2, budget_scope="global"))
+    fractions = bound.layer_fractions
+    assert len(fractions) == model.config.num_hidden_layers and abs(np.mean(fractions) - 1) < 1e-3
+    s = 64
+    caps = [bound.layer_budget(i, s) for i in range(len(fractions))]
+    assert abs(sum(caps) - len(caps) * uniform.layer_budget(0, s)) <= len(caps)
+    ada = model.bind_policy(AdaKV(scorer=KVzip(chunk_size=16, budget_scope="global"), budget_ratio=0.25, n_sink=2,
+                                  obs_window=4))
+    assert [ada.layer_fraction(i) for i in range(len(fractions))] == list(context_scorer(ada).layer_fractions)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 90, n).tolist() for n in (64, 50)]
+    out = model.generate(prompts, 3, policy=bound, stop_ids=())
+    assert [len(t) for t in out.token_ids] == [3, 3]
+    # kept_tokens: resident tokens per row averaged over layers and heads, summed over rows; each
+    # layer keeps min(its share of the row's budget, the row's length) plus the 2 fed tokens
+    lengths = jnp.asarray([64, 50], jnp.int32)
+    per_layer = [np.asarray(bound.row_budget(i, lengths, 64)) for i in range(len(fractions))]
+    assert out.stats["kept_tokens"] == pytest.approx(float(np.mean(per_layer, axis=0).sum()) + 2 * 2)
+    assert len(set(caps)) > 1  # the tiny model's layers do score differently
+
+
+def test_global_scope_errors():
+    with pytest.raises(ValueError, match="budget_scope must be one of layer, global"):
+        KVzip(budget_ratio=0.5, budget_scope="model")
+    with pytest.raises(ValueError, match="layer_fractions are the calibrated layer shares"):
+        KVzip(budget_ratio=0.5, layer_fractions=(1.0, 1.0))
+    with pytest.raises(ValueError, match="needs its calibrated layer_fractions"):
+        KVzip(budget_ratio=0.5, budget_scope="global").layer_budget(0, 64)
+    model = PiKVModel.from_config(ph.tiny_model()[0])
+    with pytest.raises(ValueError, match="needs a ratio budget"):
+        model.bind_policy(KVzip(budget_tokens=16, budget_scope="global"))

@@ -115,6 +115,10 @@ class AdaKV(SnapKV):
     def prefill_scores(self, layer: int, ctx: PrefillContext):
         return super().prefill_scores(layer, ctx) if self.scorer is None else self.scorer.prefill_scores(layer, ctx)
 
+    def layer_fraction(self, layer: int) -> float:
+        """The scorer's layer shares (KVzip's global scope), else uniform."""
+        return 1.0 if self.scorer is None else self.scorer.layer_fraction(layer)
+
     def __post_init__(self):
         if not 0.0 <= self.safe_fraction <= 1.0:
             raise ValueError(f"safe_fraction must be in [0, 1], got {self.safe_fraction}")

@@ -147,7 +147,18 @@ class CachePolicy:
             k = prompt_len if prompt_len <= self.whole_prompt_len else math.ceil(self.budget_ratio * prompt_len)
         else:
             return prompt_len
-        return min(k, prompt_len)
+        base = min(k, prompt_len)
+        f = self.layer_fraction(layer)
+        if f == 1.0 or self.keeps_whole_prompt(prompt_len):
+            return base
+        w = min(self.n_sink + self.window, base)  # protected tokens: every layer keeps them all
+        return min(prompt_len, w + max(1, int(round((base - w) * f))))
+
+    def layer_fraction(self, layer: int) -> float:
+        """`layer`'s share of the selectable (unprotected) budget relative to the mean over layers:
+        1 = the same budget in every layer; PyramidKV and KVzip's global scope spread it unevenly,
+        keeping the average, so the model's total stays the uniform one."""
+        return 1.0
 
     @property
     def whole_prompt_len(self) -> int:
@@ -175,7 +186,12 @@ class CachePolicy:
 
     def row_budget(self, layer: int, lengths, prompt_len: int):
         """i32[B]: tokens row b keeps in `layer` (never more than its length or the layer's slots)."""
-        return jnp.minimum(jnp.minimum(self.base_row_budget(lengths), lengths), self.layer_budget(layer, prompt_len))
+        rows = jnp.minimum(self.base_row_budget(lengths), lengths)
+        f = self.layer_fraction(layer)
+        if f != 1.0:  # the unprotected part scaled by the layer's share (as in layer_budget)
+            w = jnp.minimum(self.n_sink + self.window, rows)
+            rows = jnp.minimum(w + jnp.maximum(1, jnp.round((rows - w) * f)).astype(jnp.int32), lengths)
+        return jnp.minimum(rows, self.layer_budget(layer, prompt_len))
 
     def decode_budget(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
         """Tokens `layer` holds under decode-time eviction: its prompt budget, except that a

@@ -11,9 +11,17 @@ whole prompt's KV plus itself (causal), so the attention matrix held at once is
 The scoring pass is run by the runtime (`runtime.forward.reconstruction_scores`) before the
 prefill and handed to the policy in `PrefillContext.shared[CONTEXT_SCORES]`: one full forward for
 the prompt's KV, the repeat pass (about as many tokens again), then the prefill that selects. About 3x a plain prefill
-on this implementation (the paper reports 2-3x); decode is unchanged. Budgets are per layer; per
-head within a layer with `adakv(kvzip)`. Prefill selection only: compose with a decode-time policy
-(`kvzip+h2o`) to evict while decoding.
+on this implementation (the paper reports 2-3x); decode is unchanged. Prefill selection only:
+compose with a decode-time policy (`kvzip+h2o`) to evict while decoding.
+
+Budgets. `budget_scope="layer"` (default): every layer keeps the same budget; per head within a
+layer with `adakv(kvzip)`. `budget_scope="global"`: the paper's ranking of every (layer, head,
+token) score together, which gives layers unequal budgets. Under jit a layer's cache has a static
+size, so a per-prompt split would recompile for every prompt; instead the layers' shares of the
+budget (`layer_fractions`, mean 1, so the model's total is the uniform one) come from one global
+ranking of KVzip scores on the calibration text (`runtime.capture.kvzip_layer_fractions`, run by
+`PiKVModel.bind_policy`), and each prompt's tokens are then ranked within each layer (across its
+heads too with `adakv(kvzip(budget_scope=global))`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pikv_jax.cache.policies.base import NESTED_POLICY_FIELDS, CachePolicy, Pref
 
 CONTEXT_SCORES = "context_scores"  # key of PrefillContext.shared: tuple of f32[B, Hkv, S], one per layer
 REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly.\n\n"
+BUDGET_SCOPES = ("layer", "global")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,20 +43,38 @@ class KVzip(CachePolicy):
     """repeat_prompt_ids: token ids of the repeat instruction (`REPEAT_INSTRUCTION` encoded by the
     model's tokenizer; `parse_method(..., model=...)` and `PiKVModel` fill them). chunk_size:
     context tokens per repeat chunk, default 512 (bounded memory; the paper uses 2048 on GPUs).
-    n_sink: first positions always kept, default 4. decode_evict must stay False."""
+    n_sink: first positions always kept, default 4. decode_evict must stay False.
+    budget_scope: "layer" (equal budgets per layer) or "global" (calibrated layer shares, see the
+    module doc); layer_fractions: those shares (filled by `PiKVModel.bind_policy`)."""
 
     name: ClassVar[str] = "kvzip"
     repeat_prompt_ids: tuple[int, ...] = ()
     chunk_size: int = 512
+    budget_scope: str = "layer"
+    layer_fractions: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}")
+        if self.budget_scope not in BUDGET_SCOPES:
+            raise ValueError(f"budget_scope must be one of {', '.join(BUDGET_SCOPES)}, got {self.budget_scope!r}")
+        object.__setattr__(self, "layer_fractions", tuple(float(f) for f in self.layer_fractions))
+        if self.layer_fractions and (self.budget_scope != "global" or min(self.layer_fractions) < 0):
+            raise ValueError("layer_fractions are the calibrated layer shares of budget_scope='global' (each >= 0); "
+                             f"got {self.layer_fractions!r} with budget_scope={self.budget_scope!r}")
         object.__setattr__(self, "repeat_prompt_ids", tuple(int(t) for t in self.repeat_prompt_ids))
         if self.decode_evict:
             raise ValueError("kvzip scores tokens only at prefill, so it cannot evict at decode time; "
                              "compose it with a decode-time policy (e.g. kvzip+h2o@0.25)")
         super().__post_init__()
+
+    def layer_fraction(self, layer: int) -> float:
+        if self.budget_scope == "layer":
+            return 1.0
+        if not self.layer_fractions:
+            raise ValueError("kvzip(budget_scope=global) needs its calibrated layer_fractions; PiKVModel.bind_policy "
+                             "(called by generate) computes them, or runtime.capture.kvzip_layer_fractions")
+        return self.layer_fractions[layer]
 
     def prefill_scores(self, layer: int, ctx: PrefillContext):
         scores = ctx.shared.get(CONTEXT_SCORES)
@@ -76,3 +103,10 @@ def with_repeat_prompt(policy: CachePolicy, ids) -> CachePolicy:
     """`policy` with every KVzip inside it given the repeat-instruction token ids (others unchanged)."""
     ids = tuple(int(t) for t in ids)
     return map_policies(policy, lambda p: dataclasses.replace(p, repeat_prompt_ids=ids) if isinstance(p, KVzip) else p)
+
+
+def with_layer_fractions(policy: CachePolicy, fractions) -> CachePolicy:
+    """`policy` with every KVzip inside it given calibrated `layer_fractions` (others unchanged)."""
+    fractions = tuple(float(f) for f in fractions)
+    return map_policies(policy, lambda p: dataclasses.replace(p, layer_fractions=fractions)
+                        if isinstance(p, KVzip) else p)

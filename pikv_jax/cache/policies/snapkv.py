@@ -79,16 +79,3 @@ class PyramidKV(SnapKV):
         lo = 1.0 / self.beta
         hi = 2.0 - lo
         return hi - layer * (hi - lo) / (self.num_layers - 1)
-
-    def layer_budget(self, layer: int, prompt_len: int) -> int:
-        base = super().layer_budget(layer, prompt_len)
-        if self.keeps_whole_prompt(prompt_len):
-            return base
-        w = min(self.n_sink + self.window, base)  # protected tokens: every layer keeps them all
-        return min(prompt_len, w + max(1, int(round((base - w) * self.layer_fraction(layer)))))
-
-    def row_budget(self, layer: int, lengths, prompt_len: int):
-        base = jnp.minimum(self.base_row_budget(lengths), lengths)
-        w = jnp.minimum(self.n_sink + self.window, base)
-        rows = w + jnp.maximum(1, jnp.round((base - w) * self.layer_fraction(layer))).astype(jnp.int32)
-        return jnp.minimum(jnp.minimum(rows, lengths), self.layer_budget(layer, prompt_len))
