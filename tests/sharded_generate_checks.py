@@ -2,8 +2,9 @@
 subprocess whose XLA_FLAGS give it 8 devices. Prints one JSON line that the test asserts on.
 
 What it measures on a 2 x 4 (data x model) mesh, for tiny random Llama-shaped models:
-- greedy token ids of sharded and single-device generation, per cache method, and whether the
-  method evicted (kept < seen);
+- greedy token ids of sharded and single-device generation, per cache method (eviction, KIVI,
+  Quest, SVD low-rank codes, DuoAttention's pooled head segments, ...), and whether the method
+  evicted (kept < seen);
 - cache bytes per device (from the arrays' shards) against the single-device cache bytes;
 - the collectives of the compiled decode program at a 1024-slot cache (`pikv_jax.bench.hlo_collectives`):
   ops, count, and the largest single array any of them moves;
@@ -22,6 +23,7 @@ import numpy as np
 from pikv_jax.api import PiKVModel, generation_functions
 from pikv_jax.bench import hlo_collectives
 from pikv_jax.cache.policies.base import init_policy_cache
+from pikv_jax.cache.policies.duo_attention import DuoAttention
 from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
 from pikv_jax.parallel import mesh_from_spec
@@ -30,10 +32,16 @@ from pikv_jax.runtime.generate import GenerationLoop
 from pikv_jax.sampling import SamplingConfig
 
 KIVI = "int4(group_size=8,residual_length=16)"
+SVD = "svd(rank=8)"  # bases fitted on the single-device model's calibration prefill
+DUO = "duo_attention(n_sink=4,window=16,pattern=given)"
+# DuoAttention's head pattern, given (calibrating one would only pick another fixed pattern): per
+# layer 3 of 8 KV heads retrieve, spread over the model shards (two shards hold none in layer 0)
+DUO_PATTERN = ((True, False, False, True, False, True, False, False),
+               (False, True, False, False, True, False, False, True))
 METHODS = ["full", "streaming_llm@0.5", "h2o@0.5", "tova@0.5", "snapkv(obs_window=16)@0.5",
-           "adakv(obs_window=16)@0.5", "quest(dense_layers=1,page_size=8)@0.25", KIVI, f"h2o@0.5+{KIVI}"]
+           "adakv(obs_window=16)@0.5", "quest(dense_layers=1,page_size=8)@0.25", KIVI, f"h2o@0.5+{KIVI}", SVD, DUO]
 REPLICATED_HEAD_METHODS = ["full", "h2o@0.5"]
-HLO_METHODS = ["full", f"h2o@0.5+{KIVI}", "tova@0.5"]
+HLO_METHODS = ["full", f"h2o@0.5+{KIVI}", "tova@0.5", SVD]
 LENGTHS = [64, 50, 57, 41]  # a ragged batch of 4 rows: 2 per data shard
 MAX_NEW = 10
 CONTEXT = 64
@@ -52,11 +60,18 @@ def prompts():
     return [rng.integers(3, 128, n).tolist() for n in LENGTHS]
 
 
+def policy_for(spec: str, model: PiKVModel):
+    """The cache policy of a method spec (DUO: DuoAttention with DUO_PATTERN)."""
+    if spec == DUO:
+        return DuoAttention(pattern=DUO_PATTERN, n_sink=4, window=16)
+    return parse_method(spec, model=model, context_len=CONTEXT).policy
+
+
 def compare(single: PiKVModel, sharded: PiKVModel, specs) -> dict:
     out = {}
     for spec in specs:
         t0 = time.perf_counter()
-        policy = parse_method(spec, model=single, context_len=CONTEXT).policy
+        policy = policy_for(spec, single)
         a = single.generate(prompts(), MAX_NEW, policy=policy)
         t1 = time.perf_counter()
         b = sharded.generate(prompts(), MAX_NEW, policy=policy)
@@ -65,7 +80,7 @@ def compare(single: PiKVModel, sharded: PiKVModel, specs) -> dict:
                          finish_equal=a.finish_reasons == b.finish_reasons, stats_equal=_same_stats(a, b),
                          cache_bytes=a.stats["cache_bytes"], single_per_device=a.stats["cache_bytes_per_device"],
                          per_device=b.stats["cache_bytes_per_device"], mesh=b.stats.get("mesh"),
-                         row_bytes=row_state_bytes(single, policy),
+                         row_bytes=row_state_bytes(single, policy), meta_bytes=unbatched_bytes(single, policy),
                          seconds=[round(t1 - t0, 2), round(time.perf_counter() - t1, 2)])
     return out
 
@@ -78,14 +93,27 @@ def _same_stats(a, b) -> bool:
 
 def row_state_bytes(model: PiKVModel, policy) -> int:
     """Bytes of the cache's per-row leaves (rank <= 1: lengths, flags), which split over `data`
-    only; every other leaf of a per-head layout is [B, Hkv, ...]."""
+    only; every other leaf of a per-head layout is [B, Hkv, ...] or has no batch axis."""
+    return sum(x.size * x.dtype.itemsize for x in cache_leaves(model, policy)
+               if x.ndim == 1 and x.shape[0] == len(LENGTHS))
+
+
+def unbatched_bytes(model: PiKVModel, policy) -> int:
+    """Bytes of the cache's leaves without a batch axis (the low-rank layout's per-head bases
+    [Hkv, D, r]; scalars), which every device holds in full."""
+    return sum(x.size * x.dtype.itemsize for x in cache_leaves(model, policy)
+               if x.ndim == 0 or x.shape[0] != len(LENGTHS))
+
+
+def cache_leaves(model: PiKVModel, policy) -> list:
+    """The abstract leaves of the cache `generate` makes for `prompts()`."""
     policy = model.bind_policy(policy)
     cfg = model.config
     tokens, _ = model.pad_prompt_batch(prompts())
     caps = tuple(policy.capacity_for(i, tokens.shape[1], MAX_NEW) for i in range(cfg.num_hidden_layers))
     cache = jax.eval_shape(lambda: init_policy_cache(policy, len(LENGTHS), caps, num_kv_heads=cfg.num_key_value_heads,
                                                      head_dim=cfg.dim_per_head, dtype=model.cache_dtype))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache) if x.ndim <= 1)
+    return jax.tree.leaves(cache)
 
 
 def decode_hlo(model: PiKVModel, spec: str) -> dict:
@@ -103,7 +131,7 @@ def hlo_summary(found: list[dict], capacity: int) -> dict:
 
 def decode_collectives(model: PiKVModel, spec: str) -> tuple[list[dict], int]:
     """(`hlo_collectives` of the decode program that `decode_hlo` describes, its cache capacity)."""
-    policy = model.bind_policy(parse_method(spec, model=model, context_len=CONTEXT).policy)
+    policy = model.bind_policy(policy_for(spec, model))
     cfg = model.config
     tokens, lengths = model.pad_prompt_batch(prompts())
     b = len(LENGTHS)

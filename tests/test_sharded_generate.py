@@ -27,11 +27,14 @@ SCRIPT = HERE / "sharded_generate_checks.py"
 MESH = {"data": 2, "model": 4}
 B, H, D, L = 4, 8, 16, 2  # the checks' batch, query heads, head dim, layers
 HLO_CAPACITY = 1024
+SVD = "svd(rank=8)"
+DUO = "duo_attention(n_sink=4,window=16,pattern=given)"
 PER_HEAD = ["full", "streaming_llm@0.5", "h2o@0.5", "tova@0.5", "snapkv(obs_window=16)@0.5",
             "quest(dense_layers=1,page_size=8)@0.25", "int4(group_size=8,residual_length=16)",
-            "h2o@0.5+int4(group_size=8,residual_length=16)"]
-POOLED = ["adakv(obs_window=16)@0.5"]
-NOT_EVICTING = {"full", "quest(dense_layers=1,page_size=8)@0.25", "int4(group_size=8,residual_length=16)"}
+            "h2o@0.5+int4(group_size=8,residual_length=16)", SVD]
+POOLED = ["adakv(obs_window=16)@0.5", DUO]
+NOT_EVICTING = {"full", "quest(dense_layers=1,page_size=8)@0.25", "int4(group_size=8,residual_length=16)", SVD}
+SVD_BASES = L * 4 * 8 * D * 8 * 4  # per layer enc/dec of K and V: [Hkv=8, D, r=8] f32
 
 
 # ---------------------------------------------------------------------------------- one process
@@ -174,10 +177,13 @@ def test_sharded_greedy_ids_equal_single_device(checks, spec):
 def test_cache_bytes_per_device_are_measured_from_shards(checks, spec):
     r = checks["methods"][spec]
     assert r["single_per_device"] == r["cache_bytes"]
+    assert r["meta_bytes"] == (SVD_BASES if spec == SVD else 0)
     if spec in POOLED:  # a pool mixes heads: rows over data only
         assert r["per_device"] * 2 == r["cache_bytes"]
-    else:  # [B, Hkv, ...] leaves: 1/2 (data) x 1/4 (model); per-row leaves (lengths, flags): 1/2
-        assert r["per_device"] * 8 == (r["cache_bytes"] - r["row_bytes"]) + 4 * r["row_bytes"]
+    else:  # [B, Hkv, ...] leaves: 1/2 (data) x 1/4 (model); per-row leaves (lengths, flags): 1/2;
+        # leaves without a batch axis (the low-rank bases [Hkv, D, r]) are replicated
+        rest = r["cache_bytes"] - r["row_bytes"] - r["meta_bytes"]
+        assert r["per_device"] * 8 == rest + 4 * r["row_bytes"] + 8 * r["meta_bytes"]
 
 
 @pytest.mark.slow
