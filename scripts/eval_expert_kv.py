@@ -19,11 +19,13 @@ import json
 import pathlib
 import time
 
+import numpy as np
+
 from pikv_jax.api import PiKVModel
 from pikv_jax.eval import passkey, perplexity
 from pikv_jax.eval.methods import parse_method
 
-METHODS = ("full", "expert_kv(shards=4)", "expert_kv(shards=4,top_k=2)", "expert_kv(shards=4,top_k=1)")
+METHODS = ("full", "expert_kv(shards=4,top_k=1)", "expert_kv(shards=4)", "expert_kv(shards=4,top_k=2)")
 EXPERT_KEYS = ("shard_tokens", "shard_load_max_over_mean", "shard_load_max_over_mean_per_head", "spilled_tokens",
                "evicted_tokens", "kv_bytes_read_per_step", "kv_bytes_read_per_step_all_shards",
                "kv_bytes_read_per_step_full")
@@ -68,7 +70,7 @@ def main() -> None:
             cfg = model.config
             row["kv_bytes_read_per_step"] = int(st["cache_capacity_tokens"] * st["batch"] * cfg.num_hidden_layers
                                                 * cfg.num_key_value_heads * cfg.dim_per_head * 2
-                                                * model.cache_dtype.itemsize)
+                                                * np.dtype(model.cache_dtype).itemsize)
         result["methods"][m.label] = row
         result["elapsed_s"] = round(time.perf_counter() - t0, 1)
         out_path.write_text(json.dumps(result, indent=1, default=float) + "\n")
