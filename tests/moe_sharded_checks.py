@@ -3,8 +3,9 @@ test_moe_sharded_generate.py in a subprocess whose XLA_FLAGS give it 8 devices. 
 
 For a tiny random Mixtral-shaped model (8 experts, top-2, GQA 8/4 heads) on meshes with an `expert`
 axis it measures:
-- greedy ids of sharded and single-device generation for full, h2o and int4 KIVI (and, on one
-  mesh, a Qwen2-MoE-shaped model with a shared expert and capacity dispatch that drops);
+- greedy ids of sharded and single-device generation for full, h2o and int4 KIVI;
+- one MoE block of a Qwen2-MoE-shaped model (shared expert, capacity dispatch that drops) on both
+  paths: output, drops and per-expert loads;
 - the expert weights' PartitionSpecs and their bytes per device, from the arrays' shards;
 - the collectives of the compiled decode program (sharded_generate_checks.decode_hlo) and the
   all-reduces over `expert` alone, which are the expert layer's (one [B/data, H] psum per layer).
@@ -84,7 +85,7 @@ def expert_collectives(model: PiKVModel) -> dict:
     return r
 
 
-def errors(single: PiKVModel) -> dict:
+def errors() -> dict:
     """An `expert` axis that does not divide the experts: a one-line error from the placement check;
     a model whose 6 experts do not divide by expert=4 keeps them replicated and one device's path."""
     out = {}
@@ -93,10 +94,8 @@ def errors(single: PiKVModel) -> dict:
     except ValueError as e:
         out["indivisible"] = str(e)
     six = PiKVModel.from_config(mixtral(num_experts=6), seed=0, mesh=mesh_from_spec("data=2,expert=4"))
-    ref = PiKVModel.from_config(mixtral(num_experts=6), seed=0).generate(prompts(), 4)
     out["indivisible_model"] = dict(parallel_layers=sum(m.expert_parallel is not None for m in moe_layers(six.model)),
-                                    expert_specs=sorted({str(w.sharding.spec) for w in expert_params(six)}),
-                                    equal=six.generate(prompts(), 4).token_ids == ref.token_ids)
+                                    expert_specs=sorted({str(w.sharding.spec) for w in expert_params(six)}))
     return out
 
 
@@ -121,19 +120,19 @@ def main():
         r["hlo"] = expert_collectives(sharded)
         out["meshes"][spec] = r
 
-    # capacity dispatch with drops and a shared expert: the same assignments are dropped sharded
+    # capacity dispatch with drops and a shared expert: one MoE block on 16 tokens (2 slots per
+    # expert), jitted alone, drops the same assignments and gives the same output on both paths
     q_single = PiKVModel.from_config(qwen_moe(), seed=2)
     q_sharded = PiKVModel.from_config(qwen_moe(), seed=2, mesh=mesh_from_spec("data=2,expert=4"))
-    out["qwen_capacity"] = compare(generate_all(q_single, ["full"]), generate_all(q_sharded, ["full"]))["full"]
-    # one MoE block eagerly on 16 tokens (2 slots per expert): outputs, drops and loads of both paths
     x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 128)), jnp.float32)
+    block = nnx.jit(lambda m, x: m(x))
     a, b = moe_layers(q_single.model)[0], moe_layers(q_sharded.model)[0]
-    ya, yb = np.asarray(a(x)), np.asarray(b(x))
+    ya, yb = np.asarray(block(a, x)), np.asarray(block(b, x))
     sa, sb = a.get_stats(), b.get_stats()
-    out["qwen_capacity"].update(block_equal=bool(np.array_equal(ya, yb)), block_max_diff=float(np.abs(ya - yb).max()),
-                                dropped=[sa["dropped"], sb["dropped"]],
+    out["qwen_capacity"] = dict(block_equal=bool(np.array_equal(ya, yb)), block_max_diff=float(np.abs(ya - yb).max()),
+                                dropped=[sa["dropped"], sb["dropped"]], parallel=b.expert_parallel is not None,
                                 processed_equal=sa["processed_per_expert"] == sb["processed_per_expert"])
-    out["errors"] = errors(single)
+    out["errors"] = errors()
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps(out))
 
