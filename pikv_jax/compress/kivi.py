@@ -79,6 +79,11 @@ class QuantizedPolicy(WrapperPolicy):
     (benchmarks/kivi-compact.json). scale_dtype: storage of scales and minimums
     (float16 as in KIVI; float32 for exactness studies). ring_dtype: storage of the ring
     (bfloat16, the precision the models are trained in; None = the model's dtype).
+
+    Under a `seq` mesh axis the quantized groups split over devices and the ring and the score row
+    [Cq + R] stay replicated: without scores (Full inside) a decode step moves only [B, H, D]-sized
+    partials, but an inner policy that scores slots (H2O, TOVA, ...) redistributes its f32[B, Hkv,
+    Cq + R] score row at every step (all-to-alls, O(B * Hkv * C) bytes; tests/test_seq_sharded_generate.py).
     """
 
     name: ClassVar[str] = "kivi"

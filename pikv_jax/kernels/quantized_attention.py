@@ -2,9 +2,10 @@
 # (jaxtyping shape strings such as "b h d" are not forward references)
 """Decode attention over a KIVI cache with dequantization fused into the block loads.
 
-Reference: `reference` below (dequantize everything to f32 with kernels/quant.py, then
-`pikv_jax.attention.reference.decode_attention`). Both take the cache's arrays, not the cache object
-(pikv_jax/cache/quantized.py holds that layout; the dispatcher unpacks it).
+Reference: `reference` below (dequantize everything to f32 with kernels/quant.py, attend the
+quantized region and the ring as two segments, kernels/split_k.py, merged by `common.finish`).
+Both take the cache's arrays, not the cache object (pikv_jax/cache/quantized.py holds that layout;
+the dispatcher unpacks it).
 
 Layout: kq, vq: u8[B, Hkv, Cq, D * bits / 8] packed codes (channel c = per * j + r sits in bits
 [r * bits, (r + 1) * bits) of byte j, per = 8 / bits); keys: k_scale, k_min [B, Hkv, Cq / Gk, D]
@@ -44,9 +45,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Float32, Int, UInt8
 
-from pikv_jax.attention import reference as _reference
 from pikv_jax.attention.reference import GROUP_REDUCTIONS, visible
-from pikv_jax.kernels import common, quant
+from pikv_jax.kernels import common, quant, split_k
 from pikv_jax.kernels import decode_attention as da
 
 
@@ -68,15 +68,19 @@ def reference(q: Float[Array, "b h d"], kq: UInt8[Array, "b hk cq dp"], k_scale:
               pos: Int[Array, "b hk cq+r"], q_pos: Int[Array, " b"] | Int[Array, "b hk"], *, bits: int,
               group_size: int, sliding_window: int | None = None,
               group_reduce: str = "mean") -> tuple[Float[Array, "b h d"], Float32[Array, "b hk cq+r"]]:
-    """Dequantize-then-attend in f32: (out in q's dtype, mass over all Cq + R slots in pos order)."""
+    """Dequantize-then-attend in f32: (out in q's dtype, mass over all Cq + R slots in pos order).
+    The quantized region and the ring are attended apart and merged by log-sum-exp (never
+    concatenated: under a `seq` mesh axis only the quantized region is split; kernels/split_k.py)."""
     check_layout(q, kq, v_scale, bits=bits, group_size=group_size)
     f32 = jnp.float32
-    k = jnp.concatenate([quant.dequantize_keys(kq, k_scale, k_min, bits, group_size, f32), k_res.astype(f32)], axis=2)
-    v = jnp.concatenate([quant.dequantize_values(vq, v_scale, v_min, bits, group_size, f32), v_res.astype(f32)],
-                        axis=2)
-    out, mass = _reference.decode_attention(q.astype(f32), k, v, pos, q_pos, sliding_window=sliding_window,
-                                            group_reduce=group_reduce)
-    return out.astype(q.dtype), mass
+    cq = kq.shape[2]
+    parts = []
+    if cq:
+        parts.append(split_k.segment_partials(q, quant.dequantize_keys(kq, k_scale, k_min, bits, group_size, f32),
+                                              quant.dequantize_values(vq, v_scale, v_min, bits, group_size, f32),
+                                              pos[:, :, :cq], q_pos, sliding_window=sliding_window))
+    parts.append(split_k.segment_partials(q, k_res, v_res, pos[:, :, cq:], q_pos, sliding_window=sliding_window))
+    return common.finish(parts, group=q.shape[1] // k_res.shape[1], group_reduce=group_reduce, out_dtype=q.dtype)
 
 
 def unpack_interleaved(codes, bits: int):

@@ -1,4 +1,5 @@
-"""Device meshes for data, model (tensor) and expert parallelism, and version-stable `shard_map`.
+"""Device meshes for data, model (tensor), expert and sequence (cache slot) parallelism, and a
+version-stable `shard_map`.
 
 Meshes are built with explicit `Auto` axis types: `jax.make_mesh` otherwise defaults to Explicit
 axes on recent jax, under which `shard_map` rejects inputs that were not placed on the mesh. Mesh
@@ -17,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"  # batch rows
 MODEL_AXIS = "model"  # attention heads and MLP hidden units (Megatron-style column / row splits)
 EXPERT_AXIS = "expert"  # stacked MoE expert weights
-SEQ_AXIS = "seq"  # the cache's slot axis (long contexts; not used by generation yet)
+SEQ_AXIS = "seq"  # the cache's slot axis (long contexts: per-head caches split their slots over it)
 MESH_AXES = (DATA_AXIS, MODEL_AXIS, EXPERT_AXIS, SEQ_AXIS)
 
 

@@ -14,6 +14,17 @@ over `model` when the KV heads divide by its size, so each device stores the hea
 it computes; otherwise the cache is replicated over `model` (the replicated-head layout, matching
 the replicated attention of the parameter rules). Pooled layouts, whose slots mix heads, and
 per-row state are split over `data` only.
+
+`seq` splits the slot axis (C) of per-head layouts contiguously: device s of the axis holds slots
+[s * C/S, (s + 1) * C/S) of every (row, KV head). `LayerCache` splits k, v, pos, score and the
+slot-grouped arrays of its policy state (per-slot arrays and Quest's page bounds, axis 2 of every
+`extra` leaf of rank >= 3); the KIVI `QuantizedLayerCache` splits its quantized part (codes,
+scales, minimums, positions: whole key groups per device) and keeps the full-precision ring, the
+scores over [Cq + R] and the counters replicated over `seq`. Decode attention over a split slot
+axis is exact: each device attends over its slots and XLA joins the softmax across devices.
+`seq_capacities` rounds the capacities of a non-evicting policy up to a multiple of S (extra
+slots only stay free); an evicting policy whose budget S does not divide is a ValueError, since
+more slots would be a larger budget and change what it keeps.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pikv_jax.cache.state import KVCache, PerHeadSlotCache
+from pikv_jax.cache.quantized import QuantizedLayerCache
+from pikv_jax.cache.state import KVCache, LayerCache, PerHeadSlotCache
 from pikv_jax.config import ModelConfig
 from pikv_jax.parallel.mesh import DATA_AXIS, EXPERT_AXIS, MESH_AXES, MODEL_AXIS, SEQ_AXIS
 from pikv_jax.parallel.sharding import global_array, shard_state, split_counts
@@ -50,15 +62,12 @@ def model_counts(config: ModelConfig) -> dict[str, int]:
 
 def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
     """Raises a one-line ValueError for a mesh generation cannot use with this model: an axis name
-    outside MESH_AXES, a `seq` axis larger than 1 (the split-K cache is not implemented), or a
-    `model` axis that divides none of the KV heads, the query heads and the MLP hidden size (it
-    would only replicate work)."""
+    outside MESH_AXES, or a `model` axis that divides none of the KV heads, the query heads and the
+    MLP hidden size (it would only replicate work). A `seq` axis is checked against each cache's
+    capacities when the cache is laid out (`cache_shardings`)."""
     for name in mesh.axis_names:
         if name not in MESH_AXES:
             raise ValueError(f"mesh axis {name!r} is unknown; allowed: {', '.join(MESH_AXES)}")
-    if axis_size(mesh, SEQ_AXIS) > 1:
-        raise ValueError(f"mesh axis {SEQ_AXIS!r} has size {axis_size(mesh, SEQ_AXIS)}; generation does not "
-                         "split the cache's slot axis yet (use seq=1)")
     m = axis_size(mesh, MODEL_AXIS)
     if m > 1:
         hidden = None if config.num_experts else config.intermediate_size
@@ -81,28 +90,79 @@ def _rows_axis(mesh: Mesh, batch: int, data_axis: str) -> str | None:
     return data_axis if data_axis in mesh.axis_names and batch % axis_size(mesh, data_axis) == 0 else None
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, *, data_axis: str = DATA_AXIS, model_axis: str = MODEL_AXIS):
+# fields split over `seq` on axis 2 (their slot axis, or key groups of whole slots); see the module doc
+_SEQ_FIELDS = {LayerCache: ("k", "v", "pos", "score", "extra"),
+               QuantizedLayerCache: ("kq", "vq", "v_scale", "v_min", "qpos", "k_scale", "k_min")}
+
+
+def seq_units(layer) -> int | None:
+    """The count the `seq` axis must divide for `layer` to split its slots: its capacity (a
+    `LayerCache`), its quantized key groups (KIVI), or None when the layout keeps its slots whole
+    (pooled, low-rank, a KIVI cache that is all ring)."""
+    if type(layer) is LayerCache:
+        return layer.capacity
+    if type(layer) is QuantizedLayerCache and layer.quantized_slots:
+        return layer.quantized_slots // layer.group_size
+    return None
+
+
+def check_seq(cache: KVCache, mesh: Mesh, *, seq_axis: str = SEQ_AXIS) -> None:
+    """One-line ValueError when the mesh's `seq` axis does not divide a layer's slot count."""
+    n = axis_size(mesh, seq_axis)
+    if n == 1:
+        return
+    for i, layer in enumerate(cache.layers):
+        units = seq_units(layer)
+        if units is not None and units % n:
+            what = "key groups" if type(layer) is QuantizedLayerCache else "slots"
+            raise ValueError(f"mesh axis {seq_axis!r} of size {n} does not divide layer {i}'s cache of {units} "
+                             f"{what}; pick a seq size that divides it, or a budget that is a multiple of {n}")
+
+
+def seq_capacities(capacities: tuple[int, ...], evicts: bool, mesh: Mesh | None, *,
+                   seq_axis: str = SEQ_AXIS) -> tuple[int, ...]:
+    """Capacities for a mesh with a `seq` axis of size S: a non-evicting policy's rounded up to a
+    multiple of S (the extra slots stay free, so nothing it keeps changes); an evicting policy's
+    unchanged (its capacity is its budget; `check_seq` rejects one S does not divide)."""
+    n = axis_size(mesh, seq_axis)
+    if n == 1 or evicts:
+        return tuple(capacities)
+    return tuple(math.ceil(c / n) * n for c in capacities)
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, *, data_axis: str = DATA_AXIS, model_axis: str = MODEL_AXIS,
+                    seq_axis: str = SEQ_AXIS):
     """A pytree like `cache` (concrete, abstract or traced) of NamedShardings (see the module doc).
 
     A batch that the `data` axis does not divide is replicated over it (generate pads the batch so
-    this does not happen); so are empty arrays (XLA places them replicated)."""
+    this does not happen); so are empty arrays (XLA places them replicated). A `seq` axis that
+    does not divide a layer's slots is a ValueError (`check_seq`)."""
+    check_seq(cache, mesh, seq_axis=seq_axis)
     batch = cache.batch
     m = axis_size(mesh, model_axis)
     rows = _rows_axis(mesh, batch, data_axis)
-    head_axis = []
+    seq = seq_axis if axis_size(mesh, seq_axis) > 1 else None
+    head_axis, slot_fields = [], []
     for layer in cache.layers:
         split = isinstance(layer, PerHeadSlotCache) and model_axis in mesh.axis_names and layer.num_kv_heads % m == 0
         head_axis.append((model_axis, layer.num_kv_heads) if split else None)
+        slot_fields.append(_SEQ_FIELDS[type(layer)] if seq and seq_units(layer) else ())
 
     def spec(path, leaf) -> NamedSharding:
         shape = tuple(leaf.shape)
         if not shape or shape[0] != batch or 0 in shape:  # (XLA places empty arrays replicated)
             return NamedSharding(mesh, P())
-        heads = None
+        heads, slots = None, None
         if isinstance(path[0], jax.tree_util.GetAttrKey) and path[0].name == "layers":
-            heads = head_axis[path[1].idx]
+            i = path[1].idx
+            heads = head_axis[i]
+            field = path[2].name if len(path) > 2 and isinstance(path[2], jax.tree_util.GetAttrKey) else None
+            if field in slot_fields[i] and len(shape) >= 3 and shape[2] % axis_size(mesh, seq_axis) == 0:
+                slots = seq
         if heads is not None and len(shape) >= 2 and shape[1] == heads[1]:
-            return NamedSharding(mesh, P(rows, heads[0]))
+            return NamedSharding(mesh, P(rows, heads[0], slots) if slots else P(rows, heads[0]))
+        if slots:
+            return NamedSharding(mesh, P(rows, None, slots))
         return NamedSharding(mesh, P(rows))
 
     return jax.tree_util.tree_map_with_path(spec, cache)
@@ -184,6 +244,6 @@ def mesh_summary(mesh: Mesh) -> dict[str, int]:
     return {str(k): int(v) for k, v in dict(mesh.shape).items()}
 
 
-__all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_mesh", "mesh_summary",
-           "model_counts", "padded_batch", "place_params", "put", "replicated", "state_shardings", "to_host",
-           "with_shardings"]
+__all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_mesh", "check_seq",
+           "mesh_summary", "model_counts", "padded_batch", "place_params", "put", "replicated", "seq_capacities",
+           "seq_units", "state_shardings", "to_host", "with_shardings"]
