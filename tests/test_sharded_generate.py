@@ -233,4 +233,4 @@ def test_bad_meshes_raise_clear_errors(checks):
     assert "not axis=size" in e["malformed"]
     assert e["model_axis"].startswith("mesh axis 'model' of size 8 divides none of kv_heads=6, query_heads=6, "
                                       "mlp_hidden=36")
-    assert e["seq_axis"].startswith("mesh axis 'seq' has size 4; generation does not split")
+    # a seq size that does not divide an evicting budget: tests/test_seq_sharded_generate.py
