@@ -121,7 +121,8 @@ def available_methods() -> list[str]:
     return sorted(set(POLICIES) | set(_REGISTRY))
 
 
-_COMPONENT = re.compile(r"^(?P<name>[a-z0-9_\-]+)(?:\((?P<opts>[^)]*)\))?(?:@(?P<budget>[^@]+))?$", re.I)
+_COMPONENT = re.compile(r"^(?P<name>[a-z0-9_\-]+)(?:\((?P<opts>.*)\))?(?:@(?P<budget>[^@()]+))?$", re.I)
+_SCORER = re.compile(r"^(?P<name>[a-z0-9_\-]+)(?:\((?P<opts>[^()]*)\))?$", re.I)
 
 
 def parse_budget(text: str) -> Budget:
@@ -152,9 +153,14 @@ def _parse_options(text: str | None, spec: str, *, takes_scorer: bool = False) -
     out: dict[str, Any] = {}
     if not text or not text.strip():
         return out
-    for i, item in enumerate(text.split(",")):
-        if "=" not in item and i == 0 and takes_scorer:
-            out["scorer"] = item.strip().lower()  # adakv(expected_attention): the scorer it wraps
+    for i, item in enumerate(_split_top(text)):
+        if "=" not in item.partition("(")[0] and i == 0 and takes_scorer:
+            # adakv(expected_attention) or adakv(kvzip(budget_scope=global)): the scorer it wraps
+            m = _SCORER.match(item.strip())
+            if not m:
+                raise ValueError(f"scorer {item.strip()!r} in {spec!r} must look like name or name(key=value,...)")
+            opts = _parse_options(m["opts"], spec)
+            out["scorer"] = m["name"].lower() if not opts else (m["name"].lower(), tuple(sorted(opts.items())))
             continue
         if "=" not in item:
             raise ValueError(f"option {item.strip()!r} in {spec!r} must look like key=value")
@@ -243,9 +249,16 @@ def parse_method(spec: str, *, num_layers: int | None = None, context_len: int |
 def _component_label(builder: MethodBuilder, options: dict) -> str:
     if not options:
         return builder.name
-    items = [str(options["scorer"])] if "scorer" in options else []
+    items = [_scorer_label(options["scorer"])] if "scorer" in options else []
     items += [f"{k}={v}" for k, v in sorted(options.items()) if k != "scorer"]
     return f"{builder.name}(" + ",".join(items) + ")"
+
+
+def _scorer_label(scorer) -> str:
+    if isinstance(scorer, tuple):
+        name, opts = scorer
+        return f"{name}(" + ",".join(f"{k}={v}" for k, v in opts) + ")"
+    return str(scorer)
 
 
 def parse_methods(specs, *, num_layers: int | None = None, context_len: int | None = None,

@@ -139,3 +139,19 @@ def test_check_methods_validates_syntax_without_building():
                      ("h2o@1.5", "")]:
         with pytest.raises(ValueError, match=why):
             M.check_methods([bad])
+
+
+def test_a_wrapped_scorer_takes_its_own_options():
+    """adakv(<scorer>(k=v,...)): the options reach the scorer, the label keeps them, and the
+    wrapper's own options still follow the scorer."""
+    from pikv_jax.eval.methods import parse_method
+
+    m = parse_method("adakv(kvzip(budget_scope=global,chunk_size=64),safe_fraction=0.3)@0.25")
+    assert m.label == "adakv(kvzip(budget_scope=global,chunk_size=64),safe_fraction=0.3)@0.25"
+    assert (m.policy.scorer.budget_scope, m.policy.scorer.chunk_size, m.policy.safe_fraction) == ("global", 64, 0.3)
+    assert parse_method("adakv(snapkv(obs_window=16))@0.5").policy.scorer.obs_window == 16
+    assert parse_method("adakv(kvzip)@0.25").policy.scorer.budget_scope == "layer"
+    with pytest.raises(ValueError, match="must look like name or name"):
+        parse_method("adakv(kvzip(a=(1))@0.25")
+    with pytest.raises(ValueError, match="budget_scope must be one of layer, global"):
+        parse_method("adakv(kvzip(budget_scope=all))@0.25")

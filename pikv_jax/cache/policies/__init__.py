@@ -54,10 +54,14 @@ def policy_class(name: str) -> type[CachePolicy]:
 def make_policy(name: str, *, num_layers: int | None = None, **options) -> CachePolicy:
     """A policy by name. Options not accepted by that policy raise, naming the allowed ones.
     `num_layers` is passed to policies that spread budgets over depth (PyramidKV). A `scorer` given
-    by name (AdaKV's) is built with its own defaults."""
+    by name (AdaKV's) is built with its own defaults, or with its options when given as (name,
+    ((key, value), ...))."""
     cls = policy_class(name)
-    if isinstance(options.get("scorer"), str):
-        options = {**options, "scorer": make_policy(options["scorer"], num_layers=num_layers)}
+    scorer = options.get("scorer")
+    if isinstance(scorer, str):
+        options = {**options, "scorer": make_policy(scorer, num_layers=num_layers)}
+    elif isinstance(scorer, tuple):
+        options = {**options, "scorer": make_policy(scorer[0], num_layers=num_layers, **dict(scorer[1]))}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     if "num_layers" in fields and num_layers is not None:
         options.setdefault("num_layers", num_layers)
