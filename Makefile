@@ -22,7 +22,7 @@ demo: $(STAMP)
 		--prompt "What is a KV cache in a transformer, in two sentences?"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check pikv_jax tests scripts examples
