@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from pikv_jax.cache.policies.base import CachePolicy, init_policy_cache, map_policies
 from pikv_jax.cache.policies.expected_attention import ExpectedAttention
+from pikv_jax.cache.policies.expert_kv import ExpertKV
 from pikv_jax.cache.policies.kvzip import (
     REPEAT_INSTRUCTION,
     context_scorer,
@@ -366,11 +367,19 @@ class PiKVModel:
     def bind_policy(self, policy: CachePolicy | None) -> CachePolicy:
         """The given policy or the model's default, bound to this model: KVzip's repeat instruction
         encoded by its tokenizer when a KVzip inside has none (no tokenizer: the repeat input is the
-        bare context), and the query-head count a decode-evicting Expected Attention needs."""
+        bare context), the query-head count a decode-evicting Expected Attention needs, and on a mesh
+        with an `expert` axis, expert_kv's device-local routed read (`read=mask`); expert_kv(router=moe)
+        gets the model's expert count."""
         policy = self.policy if policy is None else policy
         heads = self.config.num_attention_heads
         policy = map_policies(policy, lambda p: dataclasses.replace(p, num_query_heads=heads)
                               if isinstance(p, ExpectedAttention) and p.decode_evict and not p.num_query_heads else p)
+        experts = self.config.num_experts or None  # expert_kv(router=moe) groups the model's experts into shards
+        policy = map_policies(policy, lambda p: dataclasses.replace(p, num_experts=experts)
+                              if isinstance(p, ExpertKV) and p.router == "moe" and p.num_experts is None else p)
+        if mesh_sharding.axis_size(self.mesh, "expert") > 1:  # its slot axis is split over `expert`
+            policy = map_policies(policy, lambda p: dataclasses.replace(p, read="mask")
+                                  if isinstance(p, ExpertKV) and p.top_k is not None else p)
         kvzip = context_scorer(policy)
         if kvzip is not None and not kvzip.repeat_prompt_ids and self.tokenizer is not None:
             policy = with_repeat_prompt(policy, self.tokenizer.encode(REPEAT_INSTRUCTION, add_bos=False))

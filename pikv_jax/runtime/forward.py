@@ -17,6 +17,7 @@ from pikv_jax.attention import dispatch
 from pikv_jax.attention.reference import NEG_INF, visible
 from pikv_jax.attention.rope import apply_rope
 from pikv_jax.cache.policies.base import CachePolicy, PrefillContext
+from pikv_jax.cache.policies.expert_kv import ROUTER_LOGITS, wants_router_logits
 from pikv_jax.cache.policies.kvzip import CONTEXT_SCORES, context_scorer
 from pikv_jax.cache.state import KVCache
 from pikv_jax.intmath import cdiv
@@ -31,6 +32,16 @@ def prompt_positions(tokens, lengths):
 
 def _mlp_block(layer, x):
     return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def router_logits(layer, h):
+    """The MoE gate logits f32[B, S, E] of decoder `layer` for hidden states h [B, S, H] (a one-line
+    ValueError for a dense layer)."""
+    router = getattr(layer.mlp, "router", None)
+    if router is None:
+        raise ValueError("expert_kv(router=moe) needs an MoE model (config.num_experts set); dense models use "
+                         "router=kmeans")
+    return router.gate(h).astype(jnp.float32)
 
 
 def forward_full(model: CausalLM, tokens, lengths, *, return_hidden: bool = False, return_kv: bool = False):
@@ -84,6 +95,8 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
         out, key_mass = dispatch.chunk_attention(q, k, v, pos, pos, sliding_window=cfg.sliding_window,
                                                  mass_from=mass_from, group_reduce=policy.group_reduce,
                                                  causal_prefix=True)
+        if getattr(policy, "router", None) == "moe":  # expert_kv's MoE router: the gate on the attention input
+            shared[ROUTER_LOGITS] = router_logits(layer, h)
         raw = policy.stores_raw_keys
         ctx = PrefillContext(q=q, k=k, v=v, pos=pos, lengths=lengths, key_mass=key_mass, shared=shared,
                              q_raw=q_raw, k_raw=k_raw if raw else None, inv_freq=inv_freq)
@@ -111,6 +124,8 @@ def decode_step(model: CausalLM, cache: KVCache, tokens, active, policy: CachePo
     for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
         h = layer.input_layernorm(x)
         q, k, v = layer.self_attn.qkv(h, q_pos[:, None], inv_freq, rope=not policy.stores_raw_keys)
+        if wants_router_logits(layer_cache):  # expert_kv(router=moe): the new token's gate logits
+            layer_cache = layer_cache.replace(extra=dict(layer_cache.extra, gate=router_logits(layer, h)[:, 0]))
         layer_cache, slot, ok = policy.decode_slot(i, layer_cache, q_pos)
         writing = active & ok
         wrote = wrote & ok

@@ -25,6 +25,13 @@ axis is exact: each device attends over its slots and XLA joins the softmax acro
 `seq_capacities` rounds the capacities of a non-evicting policy up to a multiple of S (extra
 slots only stay free); an evicting policy whose budget S does not divide is a ValueError, since
 more slots would be a larger budget and change what it keeps.
+
+`expert` splits an expert-sharded cache (PiKV's expert KV storage, cache/policies/expert_kv.py,
+recognised by `expert_kv.slot_shards`): its slot axis holds G shards shard-major, so splitting k,
+v, pos, score and the per-shard router state (centroids, load) over an `expert` axis of size E
+dividing G gives each device G/E whole shards, about L/E tokens per layer. With `seq` as well the
+slots go over (expert, seq): seq subdivides each device's shards. Other caches stay replicated
+over `expert`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pikv_jax.cache.policies.expert_kv import SHARD_STATE, slot_shards
 from pikv_jax.cache.quantized import QuantizedLayerCache
 from pikv_jax.cache.state import KVCache, LayerCache, PerHeadSlotCache
 from pikv_jax.config import ModelConfig
@@ -130,8 +138,27 @@ def seq_capacities(capacities: tuple[int, ...], evicts: bool, mesh: Mesh | None,
     return tuple(math.ceil(c / n) * n for c in capacities)
 
 
+def expert_slot_split(cache: KVCache, mesh: Mesh, *, expert_axis: str = EXPERT_AXIS,
+                      seq_axis: str = SEQ_AXIS) -> tuple[bool, ...]:
+    """Per layer, whether its slots go over `expert` (an expert-sharded cache on a mesh whose expert
+    axis is larger than 1); one-line ValueError when that axis does not divide its shard count, or
+    when (expert x seq) does not divide its slots."""
+    e, n = axis_size(mesh, expert_axis), axis_size(mesh, seq_axis)
+    out = []
+    for i, layer in enumerate(cache.layers):
+        g = slot_shards(layer) if e > 1 else None
+        if g is not None and g % e:
+            raise ValueError(f"mesh axis {expert_axis!r} of size {e} does not divide layer {i}'s {g} KV shards; "
+                             f"pick expert_kv shards that are a multiple of {e}")
+        if g is not None and layer.capacity % (e * n):
+            raise ValueError(f"mesh axes {expert_axis!r} x {seq_axis!r} ({e} x {n}) do not divide layer {i}'s "
+                             f"cache of {layer.capacity} slots; pick a budget that is a multiple of {e * n}")
+        out.append(g is not None)
+    return tuple(out)
+
+
 def cache_shardings(cache: KVCache, mesh: Mesh, *, data_axis: str = DATA_AXIS, model_axis: str = MODEL_AXIS,
-                    seq_axis: str = SEQ_AXIS):
+                    seq_axis: str = SEQ_AXIS, expert_axis: str = EXPERT_AXIS):
     """A pytree like `cache` (concrete, abstract or traced) of NamedShardings (see the module doc).
 
     A batch that the `data` axis does not divide is replicated over it (generate pads the batch so
@@ -142,6 +169,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh, *, data_axis: str = DATA_AXIS, m
     m = axis_size(mesh, model_axis)
     rows = _rows_axis(mesh, batch, data_axis)
     seq = seq_axis if axis_size(mesh, seq_axis) > 1 else None
+    by_expert = expert_slot_split(cache, mesh, expert_axis=expert_axis, seq_axis=seq_axis)
     head_axis, slot_fields = [], []
     for layer in cache.layers:
         split = isinstance(layer, PerHeadSlotCache) and model_axis in mesh.axis_names and layer.num_kv_heads % m == 0
@@ -157,7 +185,11 @@ def cache_shardings(cache: KVCache, mesh: Mesh, *, data_axis: str = DATA_AXIS, m
             i = path[1].idx
             heads = head_axis[i]
             field = path[2].name if len(path) > 2 and isinstance(path[2], jax.tree_util.GetAttrKey) else None
-            if field in slot_fields[i] and len(shape) >= 3 and shape[2] % axis_size(mesh, seq_axis) == 0:
+            if by_expert[i]:  # whole shards per device (module doc); the router's counters stay replicated
+                key = path[3].key if field == "extra" and isinstance(path[3], jax.tree_util.DictKey) else None
+                slots = ((expert_axis, seq) if seq else expert_axis) if field in ("k", "v", "pos", "score") \
+                    else expert_axis if key in SHARD_STATE else None
+            elif field in slot_fields[i] and len(shape) >= 3 and shape[2] % axis_size(mesh, seq_axis) == 0:
                 slots = seq
         if heads is not None and len(shape) >= 2 and shape[1] == heads[1]:
             return NamedSharding(mesh, P(rows, heads[0], slots) if slots else P(rows, heads[0]))
@@ -245,5 +277,5 @@ def mesh_summary(mesh: Mesh) -> dict[str, int]:
 
 
 __all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_mesh", "check_seq",
-           "mesh_summary", "model_counts", "padded_batch", "place_params", "put", "replicated", "seq_capacities",
-           "seq_units", "state_shardings", "to_host", "with_shardings"]
+           "expert_slot_split", "mesh_summary", "model_counts", "padded_batch", "place_params", "put", "replicated",
+           "seq_capacities", "seq_units", "state_shardings", "to_host", "with_shardings"]

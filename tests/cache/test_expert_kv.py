@@ -1,8 +1,9 @@
 """Expert-sharded KV storage (pikv_jax/cache/policies/expert_kv.py) against independent truths.
 
 - exact mode (top_k=None) and top_k = G with room for every token: greedy ids equal the Full cache's;
-- routed attention equals a NumPy reference that attends only over the selected shards' tokens (plus
-  sinks and the newest token), and its jaxpr multiplies only k * Cs + extras slots, not the cache;
+- routed attention (read=gather and read=mask) equals a NumPy reference that attends only over the
+  selected shards' tokens (plus sinks and the newest token), and the gather's jaxpr multiplies only
+  k * Cs + extras slots, not the cache;
 - after prefill and decode under eviction: no shard over its Cs slots, no duplicate positions, sinks
   and the recent window resident, the shard loads equal the resident tokens, and resident + evicted
   = tokens seen for every (layer, row, KV head) (nothing dropped silently);
@@ -129,10 +130,10 @@ def _reference_attend(policy: ExpertKV, cache, q, q_pos):
     return out, mass
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_routed_attention_equals_a_reference_over_the_selected_shards(top_k):
+@pytest.mark.parametrize("top_k, read", [(1, "gather"), (2, "gather"), (1, "mask"), (2, "mask")])
+def test_routed_attention_equals_a_reference_over_the_selected_shards(top_k, read):
     rng = np.random.default_rng(top_k)
-    policy = ExpertKV(shards=4, top_k=top_k, n_sink=2)
+    policy = ExpertKV(shards=4, top_k=top_k, n_sink=2, read=read)
     cache = _random_cache(policy, rng)
     q = jnp.asarray(rng.normal(size=(2, 4, 8)), jnp.float32)
     q_pos = jnp.asarray([40, 40], jnp.int32)
@@ -251,6 +252,7 @@ def test_capacity_aware_placement_fills_first_choices_then_spills(cs, seed):
     (lambda: ExpertKV(shards=2, top_k=3), r"top_k=3 is outside \[1, shards=2\]"),
     (lambda: ExpertKV(evict="lru"), r"evict='lru' is not supported; allowed: h2o, streaming_llm"),
     (lambda: ExpertKV(shards=0), r"shards must be an integer >= 1"),
+    (lambda: ExpertKV(top_k=1, read="copy"), r"read='copy' is not supported; allowed: gather, mask"),
     (lambda: ExpertKV(budget_tokens=64, evict_every=2), r"evict_every must be 1"),
     (lambda: ExpertKV(shards=4).init_layer_cache(0, 1, 2, 10, 8, jnp.float32),
      r"shards=4 does not divide the cache capacity 10"),

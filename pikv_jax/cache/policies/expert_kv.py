@@ -18,10 +18,18 @@ spaced ranks. Why k-means rather than a seeded projection: q . c_g is the mean l
 over shard g's keys, so ranking shards by it sends a query to the shards holding the keys it
 attends to most (ClusterKV-style); a random projection splits keys without regard to queries.
 
+MoE router (`router=moe`, MoE models): the layer's MoE gate, applied to the attention input hidden
+state of each token (forward.py hands its logits f32[B, S, E] to prefill under
+`ctx.shared[ROUTER_LOGITS]`, and the new token's f32[B, E] to decode in `extra["gate"]`), ranks the
+shards: experts are grouped evenly into G shards (expert e in shard e // (E / G)), a shard scores
+its best expert's logit, so the first choice is the shard of the gate's argmax expert. Every KV head
+of a token follows the same gate; a decode query goes to the top-k shards of its own token's gate.
+
 Writing, in steps:
 1. prefill: the kept set is the whole prompt, or (with a budget) the top tokens by the eviction
    scorer's prefill score, sinks and the recent window protected (`select_top`, as every policy);
-2. each kept token ranks the shards by the distance of its key to their centroids;
+2. each kept token ranks the shards by the distance of its key to their centroids (kmeans) or by
+   its gate's logits (moe);
 3. capacity-aware placement: in round r = 0..G-1 every unplaced token asks for its r-th choice and
    each shard takes requests in position order while it has room; with total capacity >= kept
    tokens every token is placed (nothing is evicted by routing);
@@ -31,9 +39,18 @@ Writing, in steps:
    (h2o: accumulated attention mass; streaming_llm: position).
 
 Attention: exact mode is plain decode attention over the whole cache. Routed mode scores each shard
-by the GQA-group mean of q . c_g over non-empty shards, gathers the top-k shards' blocks plus the
-sink slots and the newest token's slot (when not already inside), and attends over those only; the
-attention mass it returns is zero outside them. Not composable with other policies or transforms.
+by the GQA-group mean of q . c_g over non-empty shards and attends over the top-k shards plus the
+sink slots and the newest token's slot only; the attention mass it returns is zero outside them.
+Two ways to read them, same result: `read=gather` copies the selected shards' blocks into a small
+cache of k * Cs + extras slots (one device: k/G of the bytes); `read=mask` attends over the whole
+cache with every other slot masked as empty, an elementwise mask on the slot axis, so with the slot
+axis split over a mesh each device attends over its own shards and only the softmax statistics
+cross devices (`PiKVModel` picks it when the mesh has an `expert` axis). Not composable with other
+policies or transforms.
+
+On a mesh (runtime/sharding.py): `slot_shards` tells the sharding rules a layer cache is expert-
+sharded; its slot axis (k, v, pos, score) and the per-shard router state (centroids, load) are
+split over the `expert` axis, whose size must divide G, so each device holds whole shards.
 """
 
 # ruff: noqa: F722
@@ -57,6 +74,38 @@ from pikv_jax.cache.state import LayerCache, init_layer_cache
 from pikv_jax.intmath import round_up
 
 EVICTION_SCORERS: dict[str, type[CachePolicy]] = {"h2o": H2O, "streaming_llm": StreamingLLM}
+READS = ("gather", "mask")
+ROUTERS = ("kmeans", "moe")
+ROUTER_LOGITS = "router_logits"  # ctx.shared key of the layer's MoE gate logits at prefill (router=moe)
+# `extra` leaves of an expert_kv layer cache whose axis 2 is the shard axis G
+SHARD_STATE = ("centroids", "load")
+_STATE_KEYS = frozenset(SHARD_STATE + ("sink_slot", "newest_slot", "spilled", "evicted"))
+
+
+def slot_shards(layer) -> int | None:
+    """G when `layer` is an expert_kv layer cache (its slot axis is G shard-major shards; recognised
+    by its `extra` state), else None. The sharding rules split such a cache's slots by shard."""
+    if (type(layer) is LayerCache and isinstance(layer.extra, dict)
+            and set(layer.extra) in (_STATE_KEYS, _STATE_KEYS | {"gate"})):
+        return int(layer.extra["load"].shape[-1])
+    return None
+
+
+def wants_router_logits(cache) -> bool:
+    """Whether a layer cache takes the MoE gate logits of the decode token (`extra["gate"]`)."""
+    return isinstance(getattr(cache, "extra", None), dict) and "gate" in cache.extra
+
+
+def gate_shard_scores(logits: Float[Array, "... e"], num_shards: int) -> Float[Array, "... g"]:
+    """Experts grouped evenly into shards (expert e -> shard e // (E / G)); a shard's score is its
+    best expert's logit."""
+    e = logits.shape[-1]
+    return jnp.max(logits.astype(jnp.float32).reshape(logits.shape[:-1] + (num_shards, e // num_shards)), axis=-1)
+
+
+def gate_ranking(logits: Float[Array, "... e"], num_shards: int) -> Int[Array, "... g"]:
+    """Shards ranked by `gate_shard_scores`, best first (ties: lower shard index)."""
+    return jnp.argsort(-gate_shard_scores(logits, num_shards), axis=-1, stable=True).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -157,6 +206,15 @@ def gather_routed(cache: LayerCache, selected: Int[Array, "b hk k"], extra_slots
     return sub, jnp.concatenate([slots, ex], axis=-1)
 
 
+def routed_mask(capacity: int, selected: Int[Array, "b hk k"], extra_slots: Int[Array, "b hk e"],
+                num_shards: int) -> Bool[Array, "b hk c"]:
+    """True on the slots routed attention reads: those of the selected shards and `extra_slots`
+    (-1 = none). Built from an iota over the slot axis, so it is elementwise on a split slot axis."""
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    in_selected = jnp.any((slot // (capacity // num_shards))[None, None, :, None] == selected[:, :, None, :], axis=-1)
+    return in_selected | jnp.any(slot[None, None, :, None] == extra_slots[:, :, None, :], axis=-1)
+
+
 # ---------------------------------------------------------------------------------------------- policy
 
 
@@ -171,6 +229,10 @@ class ExpertKV(CachePolicy):
     evict: score used to evict inside the routed shard when every shard is full and to select the
       prompt under a budget: h2o (accumulated attention) or streaming_llm (recency). Default h2o.
     kmeans_iters: Lloyd steps of the router's k-means at prefill (integer >= 0, default 8).
+    read: how routed mode reads the selected shards (module docstring): gather (default; fewest
+      bytes on one device) or mask (device-local when the slot axis is split over a mesh).
+    router: kmeans (default: the key router) or moe (the layer's MoE gate; MoE models only, with
+      num_experts a multiple of shards). num_experts: E, set by `PiKVModel.bind_policy` for moe.
     n_sink / window / budget_ratio / budget_tokens / group_reduce / decode_evict: as every policy;
       sinks are never evicted and are always attended in routed mode. evict_every must be 1.
     """
@@ -180,6 +242,9 @@ class ExpertKV(CachePolicy):
     top_k: int | None = None
     evict: str = "h2o"
     kmeans_iters: int = 8
+    read: str = "gather"
+    router: str = "kmeans"
+    num_experts: int | None = None
     decode_evict: bool = True
 
     def __post_init__(self):
@@ -191,6 +256,14 @@ class ExpertKV(CachePolicy):
                              f"[1, {self.shards}], or None (all) for exact attention over every shard")
         if self.evict not in EVICTION_SCORERS:
             raise ValueError(f"evict={self.evict!r} is not supported; allowed: {', '.join(EVICTION_SCORERS)}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r} is not supported; allowed: {', '.join(ROUTERS)}")
+        if self.router == "moe" and self.num_experts is not None and (
+                not isinstance(self.num_experts, int) or self.num_experts < 1 or self.num_experts % self.shards):
+            raise ValueError(f"expert_kv(router=moe) groups num_experts={self.num_experts!r} evenly into "
+                             f"shards={self.shards}: give shards that divide the model's experts")
+        if self.read not in READS:
+            raise ValueError(f"read={self.read!r} is not supported; allowed: {', '.join(READS)}")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 0:
             raise ValueError(f"kmeans_iters must be an integer >= 0, got {self.kmeans_iters!r}")
         super().__post_init__()
@@ -199,7 +272,8 @@ class ExpertKV(CachePolicy):
 
     @property
     def label(self) -> str:
-        return f"expert_kv(shards={self.shards},top_k={self.top_k or 'all'},evict={self.evict})"
+        router = ",router=moe" if self.router == "moe" else ""
+        return f"expert_kv(shards={self.shards},top_k={self.top_k or 'all'},evict={self.evict}{router})"
 
     @property
     def scorer(self) -> CachePolicy:
@@ -232,6 +306,11 @@ class ExpertKV(CachePolicy):
                      newest_slot=jnp.full((batch, num_kv_heads), -1, jnp.int32),
                      spilled=jnp.zeros((batch, num_kv_heads), jnp.int32),
                      evicted=jnp.zeros((batch, num_kv_heads), jnp.int32))
+        if self.router == "moe":
+            if self.num_experts is None:
+                raise ValueError("expert_kv(router=moe) needs num_experts: generate through PiKVModel (bind_policy "
+                                 "sets it from an MoE config), or give num_experts")
+            extra["gate"] = jnp.zeros((batch, self.num_experts), jnp.float32)
         return init_layer_cache(batch, num_kv_heads, capacity, head_dim, dtype, extra=extra)
 
     def has_room(self, layer: int, cache: LayerCache):
@@ -284,8 +363,13 @@ class ExpertKV(CachePolicy):
         keys = jnp.swapaxes(ctx.k, 1, 2)  # [B, Hkv, S, D]
         non_sink = valid & (pos_h >= self.n_sink)
         fit = jnp.where(jnp.any(non_sink, axis=-1, keepdims=True), non_sink, valid)
-        centroids = fit_centroids(keys, fit, self.shards, self.kmeans_iters)
-        ranking = shard_ranking(keys, centroids)
+        if self.router == "moe":  # the gate's ranking, the same for every KV head of a token
+            centroids = cache.extra["centroids"]
+            ranking = jnp.broadcast_to(gate_ranking(ctx.shared[ROUTER_LOGITS], self.shards)[:, None],
+                                       (b, hk, s, self.shards))
+        else:
+            centroids = fit_centroids(keys, fit, self.shards, self.kmeans_iters)
+            ranking = shard_ranking(keys, centroids)
         shard = place_in_shards(ranking, keep, cs)
         member = shard[..., None] == jnp.arange(self.shards)  # [B, Hkv, S, G]
         within = jnp.take_along_axis(jnp.cumsum(member, axis=2) - 1, jnp.maximum(shard, 0)[..., None], axis=-1)[..., 0]
@@ -320,17 +404,21 @@ class ExpertKV(CachePolicy):
         b, hk, c = cache.pos.shape
         g = self.shards
         cs = c // g
-        ranking = shard_ranking(k[:, :, None, :], cache.extra["centroids"])[:, :, 0]  # [B, Hkv, G]
+        if self.router == "moe":
+            ranking = jnp.broadcast_to(gate_ranking(cache.extra["gate"], g)[:, None], (b, hk, g))
+        else:
+            ranking = shard_ranking(k[:, :, None, :], cache.extra["centroids"])[:, :, 0]  # [B, Hkv, G]
+        # per-shard candidates first ([B, Hkv, G], shard-local when the slot axis is split by shard),
+        # then the pick among shards: only G numbers per (row, KV head) cross devices
+        pick = lambda x, shard: jnp.take_along_axis(x, shard[..., None], axis=-1)[..., 0]
         free = (cache.pos < 0).reshape(b, hk, g, cs)
         free_shard, has_free = first_true(jnp.any(free, axis=-1), ranking)
-        in_shard = jnp.take_along_axis(free, free_shard[..., None, None], axis=2)[:, :, 0]
-        free_slot = free_shard * cs + jnp.argmax(in_shard, axis=-1).astype(jnp.int32)
+        free_slot = free_shard * cs + pick(jnp.argmax(free, axis=-1).astype(jnp.int32), free_shard)
         if not self.decode_evict:
             return free_slot, free_shard, ranking[..., 0], jnp.zeros_like(has_free)
         u = self._unprotected_scores(layer, cache, q_pos).reshape(b, hk, g, cs)
         victim_shard, _ = first_true(jnp.any(u < jnp.inf, axis=-1), ranking)
-        in_victim = jnp.take_along_axis(u, victim_shard[..., None, None], axis=2)[:, :, 0]
-        victim = victim_shard * cs + jnp.argmin(in_victim, axis=-1).astype(jnp.int32)
+        victim = victim_shard * cs + pick(jnp.argmin(u, axis=-1).astype(jnp.int32), victim_shard)
         return (jnp.where(has_free, free_slot, victim), jnp.where(has_free, free_shard, victim_shard),
                 ranking[..., 0], ~has_free)
 
@@ -355,7 +443,11 @@ class ExpertKV(CachePolicy):
 
     def select_shards(self, cache: LayerCache, q) -> Int[Array, "b hk k"]:
         """The top-k non-empty shards by `route_queries` (empty ones only as filler)."""
-        scores = route_queries(q, cache.extra["centroids"])
+        if self.router == "moe":
+            scores = jnp.broadcast_to(gate_shard_scores(cache.extra["gate"], self.shards)[:, None],
+                                      cache.extra["load"].shape)
+        else:
+            scores = route_queries(q, cache.extra["centroids"])
         scores = jnp.where(cache.extra["load"] > 0, scores, -jnp.inf)
         return jax.lax.top_k(scores, self.top_k)[1].astype(jnp.int32)
 
@@ -366,6 +458,10 @@ class ExpertKV(CachePolicy):
             return dispatch.decode_attention(q, cache, q_pos, sliding_window=sliding_window,
                                              group_reduce=self.group_reduce)
         extra_slots = jnp.concatenate([cache.extra["sink_slot"], cache.extra["newest_slot"][..., None]], axis=-1)
+        if self.read == "mask":
+            keep = routed_mask(cache.pos.shape[-1], self.select_shards(cache, q), extra_slots, self.shards)
+            return dispatch.decode_attention(q, cache.replace(pos=jnp.where(keep, cache.pos, -1)), q_pos,
+                                             sliding_window=sliding_window, group_reduce=self.group_reduce)
         sub, slots = gather_routed(cache, self.select_shards(cache, q), extra_slots, self.shards)
         out, mass_sel = dispatch.decode_attention(q, sub, q_pos, sliding_window=sliding_window,
                                                   group_reduce=self.group_reduce)
@@ -378,7 +474,7 @@ class ExpertKV(CachePolicy):
 
     def slots_read_per_step(self, capacity: int) -> int:
         """Cache slots one decode query reads per (row, KV head)."""
-        if self.top_k is None:
+        if self.top_k is None or self.read == "mask":  # mask: every slot is read (masked), each on its device
             return capacity
         return self.top_k * (capacity // self.shards) + self.n_sink + 1
 
@@ -409,4 +505,5 @@ class ExpertKV(CachePolicy):
         )
 
 
-__all__ = ["ExpertKV", "fit_centroids", "gather_routed", "place_in_shards", "route_queries", "shard_ranking"]
+__all__ = ["ROUTER_LOGITS", "ExpertKV", "fit_centroids", "gate_ranking", "gate_shard_scores", "gather_routed",
+           "place_in_shards", "route_queries", "routed_mask", "shard_ranking", "slot_shards", "wants_router_logits"]
