@@ -142,11 +142,12 @@ def errors() -> dict:
 
 
 def smollm2() -> dict:
-    """SmolLM2 (3 KV heads, nothing to split over `model`; slots split over `seq`) on data=2,seq=4
-    against one device: prompts of 100 and 80 tokens, 8 new tokens, H2O (evicting: the per-slot
+    """SmolLM2 (3 KV heads: model=2 divides none, so attention and the cache's heads are replicated over
+    `model` while its MLP and vocabulary split; slots split over `seq`) on model=2,seq=4 against one
+    device: prompts of 100 and 80 tokens, 8 new tokens, H2O (evicting: the per-slot
 scores, victims and writes all cross the split slot axis; the full cache is covered on the tiny model)."""
     single = PiKVModel.from_pretrained("smollm2")
-    sharded = PiKVModel.from_pretrained("smollm2", mesh=mesh_from_spec("data=2,seq=4"))
+    sharded = PiKVModel.from_pretrained("smollm2", mesh=mesh_from_spec("model=2,seq=4"))
     text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
             "combined movable metal type, oil-based ink and a screw press adapted from wine making. Within "
             "fifty years presses were working in more than two hundred European cities, and the price of books "

@@ -156,12 +156,13 @@ def smollm2_checks() -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["h2o@0.5"])
-def test_smollm2_on_data_seq_equals_one_device(smollm2_checks, spec):
+def test_smollm2_on_model_seq_equals_one_device(smollm2_checks, spec):
+    """SmolLM2's seq and replicated-head layouts at once: 3 KV heads do not divide model=2."""
     assert smollm2_checks["prompt_tokens"] == 100
     r = smollm2_checks[spec]
     assert r["equal"], (r["single"], r["sharded"])
-    assert r["mesh"] == {"data": 2, "seq": 4} and r["evicted"] == (spec != "full")
-    # 3 KV heads, nothing over `model`: [B, 3, C, ...] leaves 1/8 (data x seq), the two rows' lengths 1/2
-    assert r["per_device"] == (r["cache_bytes"] - 2 * 4) // 8 + 4
+    assert r["mesh"] == {"model": 2, "seq": 4} and r["evicted"] == (spec != "full")
+    # [B, 3, C, ...] leaves 1/4 (seq; heads replicated over model), the two rows' lengths whole
+    assert r["per_device"] == (r["cache_bytes"] - 2 * 4) // 4 + 2 * 4
 
 
