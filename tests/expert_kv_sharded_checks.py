@@ -15,19 +15,17 @@ from __future__ import annotations
 import json
 import time
 
+import eight_devices
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pikv_jax.api import PiKVModel, generation_functions
-from pikv_jax.bench import collective_summary, hlo_collectives
+from pikv_jax.api import PiKVModel
+from pikv_jax.bench import collective_summary
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
 from pikv_jax.parallel import mesh_from_spec
 from pikv_jax.runtime import sharding as ms
-from pikv_jax.runtime.generate import GenerationLoop
-from pikv_jax.sampling import SamplingConfig
 
 METHODS = ["expert_kv(shards=4)", "expert_kv(shards=4,top_k=1)", "expert_kv(shards=4,top_k=2)"]
 HLO_METHODS = METHODS[:2] + ["expert_kv(shards=4,top_k=1,read=gather)"]  # the last one not bound to read=mask
@@ -95,20 +93,7 @@ def decode_hlo(model: PiKVModel, spec: str) -> dict:
     policy = parse_method(spec, model=model).policy
     if "read=" not in spec:
         policy = model.bind_policy(policy)
-    cfg = model.config
-    tokens, lengths = model.pad_prompt_batch(prompts())
-    make_cache = lambda: init_policy_cache(policy, len(LENGTHS), (HLO_CAPACITY,) * cfg.num_hidden_layers,
-                                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head,
-                                           dtype=model.cache_dtype)
-    cache = jax.eval_shape(make_cache)
-    cache = ms.with_shardings(cache, ms.cache_shardings(cache, model.mesh))
-    loop = GenerationLoop(graphdef=model.graphdef, policy=policy, sampling=SamplingConfig(), max_new_tokens=MAX_NEW,
-                          stop_ids=())
-    tokens, lengths, key = model._place_inputs(jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
-    prefill, decode = generation_functions(loop, model.mesh)
-    state = jax.eval_shape(prefill, model.params, tokens, lengths, cache, key, None, None)
-    state = ms.with_shardings(state, ms.state_shardings(state, model.mesh))
-    found = hlo_collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
+    found, _ = eight_devices.decode_program_collectives(model, policy, prompts(), HLO_CAPACITY, MAX_NEW)
     step = [c for c in found if c["in_loop"]]
     largest = max(step, key=lambda c: c["largest_array"], default=None)
     return dict(read=policy.read, count=len(step), max_bytes=largest["largest_array"] if largest else 0,

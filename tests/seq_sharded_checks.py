@@ -17,19 +17,17 @@ import json
 import sys
 import time
 
+import eight_devices
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pikv_jax.api import PiKVModel, generation_functions
-from pikv_jax.bench import collective_summary, hlo_collectives
+from pikv_jax.api import PiKVModel
+from pikv_jax.bench import collective_summary
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
 from pikv_jax.parallel import mesh_from_spec
 from pikv_jax.runtime import sharding as ms
-from pikv_jax.runtime.generate import GenerationLoop
-from pikv_jax.sampling import SamplingConfig
 
 KIVI = "int4(group_size=8,residual_length=8)"  # 72 slots: 64 quantized = 8 key groups, 2 per seq shard
 METHODS = ["full", "streaming_llm@0.5", "h2o@0.5", "tova@0.5", "snapkv(obs_window=16)@0.5",
@@ -103,24 +101,9 @@ def decode_hlo(model: PiKVModel, spec: str) -> dict:
     compiled as `generate` compiles it."""
     capacity = HLO_CAPACITY + (8 if KIVI in spec else 0)
     policy = model.bind_policy(parse_method(spec, model=model, context_len=CONTEXT).policy)
-    cfg = model.config
-    tokens, lengths = model.pad_prompt_batch(prompts())
-    b = len(LENGTHS)
-    make_cache = lambda: init_policy_cache(policy, b, (capacity,) * cfg.num_hidden_layers,
-                                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head,
-                                           dtype=model.cache_dtype)
-    cache = jax.eval_shape(make_cache)
-    shardings = ms.cache_shardings(cache, model.mesh)
-    split = sum(int(np.prod(x.shape)) for x, s in zip(jax.tree.leaves(cache), jax.tree.leaves(shardings))
-                if "seq" in jax.tree.leaves(tuple(s.spec)))
-    cache = ms.with_shardings(cache, shardings)
-    loop = GenerationLoop(graphdef=model.graphdef, policy=policy, sampling=SamplingConfig(), max_new_tokens=MAX_NEW,
-                          stop_ids=())
-    tokens, lengths, key = model._place_inputs(jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
-    prefill, decode = generation_functions(loop, model.mesh)
-    state = jax.eval_shape(prefill, model.params, tokens, lengths, cache, key, None, None)
-    state = ms.with_shardings(state, ms.state_shardings(state, model.mesh))
-    found = hlo_collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
+    found, cache = eight_devices.decode_program_collectives(model, policy, prompts(), capacity, MAX_NEW)
+    split = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(cache)
+                if "seq" in jax.tree.leaves(tuple(x.sharding.spec)))
     step = [c for c in found if c["in_loop"]]
     largest = max(step, key=lambda c: c["largest_array"], default=None)
     return dict(count=len(step), max_bytes=largest["largest_array"] if largest else 0,

@@ -16,20 +16,16 @@ from __future__ import annotations
 import json
 import time
 
+import eight_devices
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pikv_jax.api import PiKVModel, generation_functions
-from pikv_jax.bench import hlo_collectives
+from pikv_jax.api import PiKVModel
 from pikv_jax.cache.policies.base import init_policy_cache
 from pikv_jax.cache.policies.duo_attention import DuoAttention
 from pikv_jax.config import tiny_config
 from pikv_jax.eval.methods import parse_method
 from pikv_jax.parallel import mesh_from_spec
-from pikv_jax.runtime import sharding as ms
-from pikv_jax.runtime.generate import GenerationLoop
-from pikv_jax.sampling import SamplingConfig
 
 KIVI = "int4(group_size=8,residual_length=16)"
 SVD = "svd(rank=8)"  # bases fitted on the single-device model's calibration prefill
@@ -132,21 +128,7 @@ def hlo_summary(found: list[dict], capacity: int) -> dict:
 def decode_collectives(model: PiKVModel, spec: str) -> tuple[list[dict], int]:
     """(`hlo_collectives` of the decode program that `decode_hlo` describes, its cache capacity)."""
     policy = model.bind_policy(policy_for(spec, model))
-    cfg = model.config
-    tokens, lengths = model.pad_prompt_batch(prompts())
-    b = len(LENGTHS)
-    make_cache = lambda: init_policy_cache(policy, b, (HLO_CAPACITY,) * cfg.num_hidden_layers,
-                                           num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head,
-                                           dtype=model.cache_dtype)
-    cache = jax.eval_shape(make_cache)
-    cache = ms.with_shardings(cache, ms.cache_shardings(cache, model.mesh))
-    loop = GenerationLoop(graphdef=model.graphdef, policy=policy, sampling=SamplingConfig(), max_new_tokens=MAX_NEW,
-                          stop_ids=())
-    tokens, lengths, key = model._place_inputs(jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
-    prefill, decode = generation_functions(loop, model.mesh)
-    state = jax.eval_shape(prefill, model.params, tokens, lengths, cache, key, None, None)
-    state = ms.with_shardings(state, ms.state_shardings(state, model.mesh))
-    found = hlo_collectives(jax.jit(decode, donate_argnums=1).lower(model.params, state).compile().as_text())
+    found, cache = eight_devices.decode_program_collectives(model, policy, prompts(), HLO_CAPACITY, MAX_NEW)
     return found, max(cache.capacities())
 
 

@@ -6,12 +6,9 @@ shards, and the bytes of every collective of the compiled decode step."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import eight_devices
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -24,21 +21,7 @@ EXACT, TOP1, TOP2 = "expert_kv(shards=4)", "expert_kv(shards=4,top_k=1)", "exper
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    # LLVM -O0 halves the compile time that dominates this run; both sides of every comparison run under it
-    flags += ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                              if p])
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=str(HERE.parent))
-    if proc.returncode != 0:
-        raise AssertionError(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8
-    return out
+    return eight_devices.run_checks(SCRIPT)
 
 
 @pytest.mark.parametrize("spec", [EXACT, TOP1, TOP2])

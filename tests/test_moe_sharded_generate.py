@@ -5,12 +5,9 @@ moe_sharded_checks.py); the expert-parallel block itself on one device."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import eight_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,21 +62,7 @@ def test_expert_parallel_placement_is_checked_and_one_shard_equals_the_plain_pat
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    # as test_sharded_generate.py: LLVM -O0 for compile time, same partitioning
-    flags += ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                              if p])
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=str(HERE.parent))
-    if proc.returncode != 0:
-        raise AssertionError(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8
-    return out
+    return eight_devices.run_checks(SCRIPT)
 
 
 @pytest.mark.slow

@@ -6,12 +6,9 @@ collective in the compiled decode program."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
+import eight_devices
 import jax
 import numpy as np
 import pytest
@@ -133,22 +130,7 @@ def test_hlo_collectives_parses_ops_bytes_and_the_loop():
 
 @pytest.fixture(scope="module")
 def checks() -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    # LLVM -O0 halves the compile time that dominates this run; both sides of every comparison run
-    # under it, and the SPMD partitioning (hence the collectives) is done by HLO passes it leaves as they are
-    flags += ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                              if p])
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=str(HERE.parent))
-    if proc.returncode != 0:
-        raise AssertionError(f"{SCRIPT.name} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["devices"] == 8
-    return out
+    return eight_devices.run_checks(SCRIPT)
 
 
 @pytest.mark.slow
