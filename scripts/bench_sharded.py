@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sharded decode on CPU: 1 device against 8 simulated devices (data=8; data=2,model=4).
+"""Sharded decode on CPU: 1 device against 8 simulated devices (data=8; data=2,model=4; data=2,seq=4).
 
 On a random Llama-shaped model (4 layers, hidden 512, 8 heads, 8 KV heads, head_dim 64) with a
 full cache, batch 8, a 1k-token random prompt per row and 32 new tokens (stop tokens off), per
@@ -35,7 +35,7 @@ import tempfile
 import time
 
 DEVICES = 8
-MESHES = ["data=8", "data=2,model=4"]
+MESHES = ["data=8", "data=2,model=4", "data=2,seq=4"]
 BASE = "1 device"
 
 
