@@ -70,12 +70,17 @@ def model_counts(config: ModelConfig) -> dict[str, int]:
 
 def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
     """Raises a one-line ValueError for a mesh generation cannot use with this model: an axis name
-    outside MESH_AXES, or a `model` axis that divides none of the KV heads, the query heads and the
-    MLP hidden size (it would only replicate work). A `seq` axis is checked against each cache's
-    capacities when the cache is laid out (`cache_shardings`)."""
+    outside MESH_AXES, an `expert` axis that does not divide an MoE model's experts, or a `model`
+    axis that divides none of the KV heads, the query heads and the MLP hidden size (it would only
+    replicate work). On a dense model the `expert` axis splits `expert_kv`'s slot shards. A `seq`
+    axis is checked against each cache's capacities when the cache is laid out (`cache_shardings`)."""
     for name in mesh.axis_names:
         if name not in MESH_AXES:
             raise ValueError(f"mesh axis {name!r} is unknown; allowed: {', '.join(MESH_AXES)}")
+    e = axis_size(mesh, EXPERT_AXIS)
+    if e > 1 and config.num_experts and config.num_experts % e:
+        raise ValueError(f"mesh axis {EXPERT_AXIS!r} of size {e} does not divide num_experts={config.num_experts}; "
+                         "pick a size that divides it")
     m = axis_size(mesh, MODEL_AXIS)
     if m > 1:
         hidden = None if config.num_experts else config.intermediate_size
