@@ -191,6 +191,7 @@ class PiKVModel:
         if self.mesh is not None:
             tokens, lengths, key, suffix, suffix_lengths = self._place_inputs(tokens, lengths, key, suffix,
                                                                               suffix_lengths)
+            mesh_sharding.check_expert_axis(cache, self.config, self.mesh)
             cache = mesh_sharding.with_shardings(cache, mesh_sharding.cache_shardings(cache, self.mesh))
         (prefill_fn, decode_fn, init_fn, resident_fn), compile_s = self._program(
             loop, tokens, lengths, cache, key, suffix, suffix_lengths, make_cache=make_cache)

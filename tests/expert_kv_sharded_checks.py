@@ -102,12 +102,16 @@ def decode_hlo(model: PiKVModel, spec: str) -> dict:
 
 
 def errors() -> dict:
+    out = {}
     model = PiKVModel.from_config(config(), seed=0, mesh=mesh_from_spec("expert=8"))
-    try:
-        model.generate(prompts()[:1], MAX_NEW, policy=parse_method("expert_kv(shards=4)", model=model).policy)
-        return {"expert_not_dividing_shards": None}
-    except ValueError as e:
-        return {"expert_not_dividing_shards": str(e)}
+    cases = [("expert_not_dividing_shards", "expert_kv(shards=4)"), ("expert_axis_splits_nothing", "h2o@0.5")]
+    for name, spec in cases:
+        try:
+            model.generate(prompts()[:1], MAX_NEW, policy=parse_method(spec, model=model).policy)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
 
 
 def main():

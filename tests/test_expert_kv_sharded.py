@@ -71,3 +71,10 @@ def test_expert_axis_that_does_not_divide_the_shards_raises(checks):
     assert checks["errors"]["expert_not_dividing_shards"] == (
         "mesh axis 'expert' of size 8 does not divide layer 0's 4 KV shards; "
         "pick expert_kv shards that are a multiple of 8")
+
+
+def test_expert_axis_with_nothing_to_split_raises(checks):
+    """A dense model whose cache has no expert_kv shards: the expert axis would only repeat work."""
+    assert checks["errors"]["expert_axis_splits_nothing"] == (
+        "mesh axis 'expert' of size 8 splits nothing here: the model has no experts and the cache no expert_kv "
+        "shards; use it with an MoE model or expert_kv(shards=...), or drop it")

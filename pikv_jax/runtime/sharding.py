@@ -143,6 +143,15 @@ def seq_capacities(capacities: tuple[int, ...], evicts: bool, mesh: Mesh | None,
     return tuple(math.ceil(c / n) * n for c in capacities)
 
 
+def check_expert_axis(cache: KVCache, config: ModelConfig, mesh: Mesh, *, expert_axis: str = EXPERT_AXIS) -> None:
+    """One-line ValueError for an `expert` axis with nothing to split: a dense model (no expert
+    weights) whose cache has no expert_kv slot shards would only repeat its work on every device."""
+    e = axis_size(mesh, expert_axis)
+    if e > 1 and not config.num_experts and not any(slot_shards(layer) for layer in cache.layers):
+        raise ValueError(f"mesh axis {expert_axis!r} of size {e} splits nothing here: the model has no experts and "
+                         "the cache no expert_kv shards; use it with an MoE model or expert_kv(shards=...), or drop it")
+
+
 def expert_slot_split(cache: KVCache, mesh: Mesh, *, expert_axis: str = EXPERT_AXIS,
                       seq_axis: str = SEQ_AXIS) -> tuple[bool, ...]:
     """Per layer, whether its slots go over `expert` (an expert-sharded cache on a mesh whose expert
@@ -281,6 +290,7 @@ def mesh_summary(mesh: Mesh) -> dict[str, int]:
     return {str(k): int(v) for k, v in dict(mesh.shape).items()}
 
 
-__all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_mesh", "check_seq",
+__all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_expert_axis", "check_mesh",
+           "check_seq",
            "expert_slot_split", "mesh_summary", "model_counts", "padded_batch", "place_params", "put", "replicated",
            "seq_capacities", "seq_units", "state_shardings", "to_host", "with_shardings"]
