@@ -78,7 +78,8 @@ def test_padding_and_batch_neighbours_never_change_a_row(tiny, stepwise):
     b = ALONE_ROW[arch]
     alone_logits, alone_gen, _, _ = run_stepwise(graphdef, params, [prompts[b]], N_STEPS)
     np.testing.assert_array_equal(alone_gen[0], gen[b], err_msg=f"{arch} row {b}")
-    np.testing.assert_allclose(alone_logits[0], logits[b], atol=1e-5, rtol=0, err_msg=f"{arch} row {b}")
+    # other shapes, other float32 reduction orders: ~1e-5 apart (seen in CI); a wrong row is O(1) apart
+    np.testing.assert_allclose(alone_logits[0], logits[b], atol=1e-4, rtol=0, err_msg=f"{arch} row {b}")
     # 2. same shapes, rows in another order, random token ids as padding content: bitwise equal
     rng = np.random.default_rng(11)
     order = [2, 0, 1]

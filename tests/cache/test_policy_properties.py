@@ -168,10 +168,11 @@ def _check_kv(snap, layer, b, L, keys, vs, record, where):
     heads = np.broadcast_to(np.arange(hk)[:, None], pos.shape)
     k, v = snap["k"][layer][b], snap["v"][layer][b]  # [Hkv, C, D]
     exact = (pos >= 0) & ((pos < L) | (layer == 0))  # entries the uncached forward computed identically
+    # identically up to float32 reduction order: cached and uncached attention differ by ~1e-5 (seen in CI)
     p = np.maximum(pos, 0)
-    np.testing.assert_allclose(k[exact], keys[layer][b][p, heads][exact], rtol=1e-5, atol=1e-5,
+    np.testing.assert_allclose(k[exact], keys[layer][b][p, heads][exact], rtol=1e-4, atol=1e-4,
                                err_msg=f"{where}: keys differ from the uncached forward")
-    np.testing.assert_allclose(v[exact], vs[layer][b][p, heads][exact], rtol=1e-5, atol=1e-5,
+    np.testing.assert_allclose(v[exact], vs[layer][b][p, heads][exact], rtol=1e-4, atol=1e-4,
                                err_msg=f"{where}: values differ from the uncached forward")
     # decoded tokens in deeper layers depend on the (evicted) attention below: stable while resident
     dec = (pos >= L) & (layer > 0)
