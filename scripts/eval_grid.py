@@ -79,21 +79,41 @@ def grid_methods(policies, budgets, include_full: bool = True) -> list[str]:
     return method_grid(policies, budgets, include_full=include_full)
 
 
+def ruler_cases_per_seed(cfg) -> int:
+    """RULER cases per seed and context: one per task, niah_single once per value type."""
+    tasks = list(cfg.ruler_tasks)
+    return len(tasks) + ("niah_single" in tasks) * (len(cfg.ruler_value_types) - 1)
+
+
+def plan_text(cfg, n_methods: int, total_s: float) -> str:
+    """What the run covers, per task family, and its rough duration."""
+    cases = []
+    if "passkey" in cfg.tasks:
+        cases.append(f"{len(cfg.depths) * len(cfg.seeds) * len(cfg.haystacks) * len(cfg.keys)} passkey")
+    if "ruler" in cfg.tasks:
+        cases.append(f"{len(cfg.seeds) * ruler_cases_per_seed(cfg)} RULER")
+    per = " + ".join(cases) + " cases" if cases else "no generation cases"
+    return (f"{n_methods} methods x {len(cfg.modes)} modes x {len(cfg.contexts)} context(s) x {per}; "
+            f"estimated {total_s / 60:.0f} min on 2 idle cores")
+
+
 def estimate_s(cfg) -> dict:
     """Rough seconds per task on 2 idle cores (compiles dominate small runs, prefill large ones)."""
     n_methods = len(cfg.methods)
     per_ctx = len(cfg.depths) * len(cfg.seeds) * len(cfg.haystacks) * len(cfg.keys)
-    passkey = 0.0
+    ruler_ctx = len(cfg.seeds) * ruler_cases_per_seed(cfg)
+    passkey = ruler = 0.0
     for c in cfg.contexts:
         tok_s = PREFILL_TOK_S.get(c, 200.0)
         compiles = len(cfg.modes) + (len(cfg.keys) > 1)  # a multi-key question changes the suffix shape
         passkey += n_methods * (compiles * COMPILE_S + len(cfg.modes) * per_ctx * (c / tok_s + 8 * DECODE_STEP_S))
+        ruler += n_methods * len(cfg.modes) * (COMPILE_S + ruler_ctx * c / tok_s + 48 * DECODE_STEP_S)
     ppl = (n_methods + 1) * (COMPILE_S + cfg.ppl_windows * cfg.ppl_prefix / 300.0 + cfg.ppl_tokens * DECODE_STEP_S)
     ev = 2 * (COMPILE_S + cfg.eviction_cache * (cfg.eviction_factor - 1) * DECODE_STEP_S)
     speed = sum(len(cfg.speed_methods) * (COMPILE_S + b * cfg.speed_context / 170.0
                                           + cfg.speed_new_tokens * DECODE_STEP_S * b) for b in cfg.speed_batches)
     t = set(cfg.tasks)
-    out = dict(passkey=passkey * ("passkey" in t), perplexity_fidelity=ppl * bool(t & {"ppl", "fidelity"}),
+    out = dict(passkey=passkey * ("passkey" in t), ruler=ruler * ("ruler" in t), perplexity_fidelity=ppl * bool(t & {"ppl", "fidelity"}),
                eviction=ev * ("ppl" in t), speed=speed * ("speed" in t), load=15.0)
     out["total"] = sum(out.values())
     return out
@@ -117,9 +137,7 @@ def main(argv=None) -> int:
                      keep_going=True, partial=args.partial, keep_partial=args.keep_partial)
     cfg.validate()
     est = estimate_s(cfg)
-    plan = (f"{len(methods)} methods x {len(cfg.modes)} modes x {len(cfg.contexts)} context(s) x "
-            f"{len(cfg.depths) * len(cfg.seeds) * len(cfg.haystacks) * len(cfg.keys)} passkey cases; estimated "
-            f"{est['total'] / 60:.0f} min on 2 idle cores")
+    plan = plan_text(cfg, len(methods), est["total"])
     print(f"[eval_grid] {plan}\n[eval_grid] methods: {', '.join(methods)}", file=sys.stderr)
     if args.estimate:
         for k, v in est.items():

@@ -406,14 +406,31 @@ def score(case: RulerCase, text: str) -> dict:
     return dict(score=s, correct=bool(s == 1.0))
 
 
+ANSWER_MARGIN = 8  # tokens on top of the answers' own length: a lead-in such as " The values are"
+
+
+def answer_tokens(codec, cases: Sequence[RulerCase], floor: int = 32) -> int:
+    """New tokens to generate so that a model that writes every answer can be scored right: at
+    least `floor`, and at least the answers' own tokens (joined as a list) plus `ANSWER_MARGIN`.
+    A UUID alone is about 30 SmolLM2 tokens and four 7-digit values about 36, so a fixed 32 would
+    cut correct answers short (RULER itself sizes generation per task)."""
+    if floor < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {floor}")
+    need = [len(codec.encode(" " + ", ".join(c.answers))) + ANSWER_MARGIN for c in cases]
+    return max([floor] + need)
+
+
 def run_ruler(model, methods, cases: Sequence[RulerCase], *, modes: Sequence[str] = passkey.MODES,
               max_new_tokens: int = 32, batch_size: int = 1, codec=None,
               progress: Callable[[str], None] | None = None) -> list[dict]:
     """Generates an answer for every (method, mode, case); one record per case with the output,
-    `score` (string-match-all) and `correct`, plus the cache/speed stats (see `passkey.run_cases`)."""
+    `score` (string-match-all) and `correct`, plus the cache/speed stats (see `passkey.run_cases`).
+    `max_new_tokens` is a floor, raised to `answer_tokens` so no answer is cut short."""
     for c in {c.context_len for c in cases}:
         check_context(model, c)
-    return passkey.run_cases(model, methods, cases, score=score, modes=modes, max_new_tokens=max_new_tokens,
+    codec = codec or passkey.codec_for(model)
+    n_new = answer_tokens(codec, cases, max_new_tokens)
+    return passkey.run_cases(model, methods, cases, score=score, modes=modes, max_new_tokens=n_new,
                              batch_size=batch_size, codec=codec, progress=progress)
 
 
@@ -427,6 +444,7 @@ def summarize(records: Sequence[dict], keys: Sequence[str] = ("method", "mode", 
     return rows
 
 
-__all__ = ["GENERATORS", "RulerCase", "TASKS", "VALUE_TYPES", "build_case", "build_cases", "check_context",
+__all__ = ["ANSWER_MARGIN", "GENERATORS", "RulerCase", "TASKS", "VALUE_TYPES", "answer_tokens", "build_case",
+           "build_cases", "check_context",
            "check_tasks", "common_words", "frequent_words", "niah_multikey", "niah_multiquery", "niah_multivalue",
            "niah_single", "run_ruler", "score", "string_match_all", "summarize", "variable_tracking", "word_pool"]

@@ -279,9 +279,11 @@ def _run_ruler(cfg: EvalConfig, model, cases: list, methods_at, codec, bar, ckpt
     """The RULER tasks, context-major like passkey (one context's compiles reused across methods'
     modes), with the same checkpointing and keep-going rules; returns summaries and records."""
     records: list[dict] = []
-    setting = [list(cfg.ruler_tasks), list(cfg.seeds), list(cfg.ruler_value_types), cfg.ruler_max_new_tokens]
     for n in cfg.contexts:
         sub = [c for c in cases if c.context_len == n]
+        # the tokens actually generated (the floor raised to fit the answers) key the checkpoint
+        setting = [list(cfg.ruler_tasks), list(cfg.seeds), list(cfg.ruler_value_types),
+                   ruler.answer_tokens(codec, sub, cfg.ruler_max_new_tokens)]
         calls = passkey.count_calls(sub, cfg.batch_size)
         for m in methods_at(cfg.methods, n):
             for mode in cfg.modes:

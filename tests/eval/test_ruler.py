@@ -146,6 +146,23 @@ def test_string_match_all():
     assert R.score(case, "cd, ab") == dict(score=1.0, correct=True)
 
 
+def test_generation_length_fits_every_answer(codec):
+    """A correct answer is never cut short: the generated length covers the longest answer list
+    (UUIDs, four values) with room for a lead-in, and never drops below the requested floor."""
+    cases = [R.niah_single(codec, N, 0, value_type="uuid"), R.niah_multivalue(codec, N, 0, n_values=4),
+             R.niah_single(codec, N, 0, value_type="word")]
+    n = R.answer_tokens(codec, cases, floor=3)
+    lead = " is:"  # a lead-in of up to ANSWER_MARGIN - 1 tokens (the space before the list is counted)
+    assert len(codec.encode(lead)) < R.ANSWER_MARGIN
+    for c in cases:
+        written = codec.encode(lead + " " + ", ".join(c.answers) + ".")
+        assert R.string_match_all(codec.decode(written[:n]), c.answers) == 1.0
+    assert n == max(len(codec.encode(" " + ", ".join(c.answers))) for c in cases) + R.ANSWER_MARGIN
+    assert R.answer_tokens(codec, cases[2:], floor=500) == 500
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        R.answer_tokens(codec, cases, floor=0)
+
+
 def test_summarize_uses_string_match_all():
     base = dict(method="full", mode="query_aware", task="niah_multivalue", context=100, kept_tokens=1.0,
                 kept_bytes=1.0, cache_bytes=1.0, full_cache_bytes=1.0, decode_ms_per_token=1.0)
