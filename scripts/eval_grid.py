@@ -113,7 +113,8 @@ def estimate_s(cfg) -> dict:
     speed = sum(len(cfg.speed_methods) * (COMPILE_S + b * cfg.speed_context / 170.0
                                           + cfg.speed_new_tokens * DECODE_STEP_S * b) for b in cfg.speed_batches)
     t = set(cfg.tasks)
-    out = dict(passkey=passkey * ("passkey" in t), ruler=ruler * ("ruler" in t), perplexity_fidelity=ppl * bool(t & {"ppl", "fidelity"}),
+    out = dict(passkey=passkey * ("passkey" in t), ruler=ruler * ("ruler" in t),
+               perplexity_fidelity=ppl * bool(t & {"ppl", "fidelity"}),
                eviction=ev * ("ppl" in t), speed=speed * ("speed" in t), load=15.0)
     out["total"] = sum(out.values())
     return out
