@@ -27,6 +27,7 @@ OPTIONAL_POLICIES = ("adakv", "quest", "duo_attention")
 PREFILL_TOK_S = {1024: 300.0, 2048: 220.0, 4096: 170.0}
 COMPILE_S = 20.0
 DECODE_STEP_S = 0.06
+RULER_NEW_TOKENS = 48  # answer-sized generation (ruler.answer_tokens) on SmolLM2's longest answers
 
 
 def _csv(cast):
@@ -80,9 +81,10 @@ def grid_methods(policies, budgets, include_full: bool = True) -> list[str]:
 
 
 def ruler_cases_per_seed(cfg) -> int:
-    """RULER cases per seed and context: one per task, niah_single once per value type."""
-    tasks = list(cfg.ruler_tasks)
-    return len(tasks) + ("niah_single" in tasks) * (len(cfg.ruler_value_types) - 1)
+    """RULER cases per seed and context, as ruler.build_cases makes them."""
+    from pikv_jax.eval.ruler import task_variants
+
+    return sum(len(task_variants(t, cfg.ruler_value_types)) for t in cfg.ruler_tasks)
 
 
 def plan_text(cfg, n_methods: int, total_s: float) -> str:
@@ -107,7 +109,7 @@ def estimate_s(cfg) -> dict:
         tok_s = PREFILL_TOK_S.get(c, 200.0)
         compiles = len(cfg.modes) + (len(cfg.keys) > 1)  # a multi-key question changes the suffix shape
         passkey += n_methods * (compiles * COMPILE_S + len(cfg.modes) * per_ctx * (c / tok_s + 8 * DECODE_STEP_S))
-        ruler += n_methods * len(cfg.modes) * (COMPILE_S + ruler_ctx * c / tok_s + 48 * DECODE_STEP_S)
+        ruler += n_methods * len(cfg.modes) * (COMPILE_S + ruler_ctx * c / tok_s + RULER_NEW_TOKENS * DECODE_STEP_S)
     ppl = (n_methods + 1) * (COMPILE_S + cfg.ppl_windows * cfg.ppl_prefix / 300.0 + cfg.ppl_tokens * DECODE_STEP_S)
     ev = 2 * (COMPILE_S + cfg.eviction_cache * (cfg.eviction_factor - 1) * DECODE_STEP_S)
     speed = sum(len(cfg.speed_methods) * (COMPILE_S + b * cfg.speed_context / 170.0

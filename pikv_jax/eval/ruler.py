@@ -378,6 +378,11 @@ def build_case(codec, task: str, context_len: int, seed: int, **params) -> Ruler
     return GENERATORS[task](codec, context_len, seed, **params)
 
 
+def task_variants(task: str, value_types: Sequence[str] = VALUE_TYPES) -> list[dict]:
+    """The parameter sets a grid runs `task` with: niah_single once per value type, others once."""
+    return [dict(value_type=v) for v in value_types] if task == "niah_single" else [{}]
+
+
 def build_cases(codec, *, tasks: Sequence[str] = TASKS, contexts: Sequence[int], seeds: Sequence[int],
                 value_types: Sequence[str] = VALUE_TYPES) -> list[RulerCase]:
     """Every (context, task, seed) with default parameters; niah_single once per value type."""
@@ -388,8 +393,7 @@ def build_cases(codec, *, tasks: Sequence[str] = TASKS, contexts: Sequence[int],
     out = []
     for n in contexts:
         for t in tasks:
-            kws = [dict(value_type=v) for v in value_types] if t == "niah_single" else [{}]
-            out += [build_case(codec, t, n, s, **kw) for kw in kws for s in seeds]
+            out += [build_case(codec, t, n, s, **kw) for kw in task_variants(t, value_types) for s in seeds]
     return out
 
 
@@ -445,6 +449,6 @@ def summarize(records: Sequence[dict], keys: Sequence[str] = ("method", "mode", 
 
 
 __all__ = ["ANSWER_MARGIN", "GENERATORS", "RulerCase", "TASKS", "VALUE_TYPES", "answer_tokens", "build_case",
-           "build_cases", "check_context",
-           "check_tasks", "common_words", "frequent_words", "niah_multikey", "niah_multiquery", "niah_multivalue",
-           "niah_single", "run_ruler", "score", "string_match_all", "summarize", "variable_tracking", "word_pool"]
+           "build_cases", "check_context", "check_tasks", "common_words", "frequent_words", "niah_multikey",
+           "niah_multiquery", "niah_multivalue", "niah_single", "run_ruler", "score", "string_match_all",
+           "summarize", "task_variants", "variable_tracking", "word_pool"]

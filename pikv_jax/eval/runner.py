@@ -282,14 +282,14 @@ def _run_ruler(cfg: EvalConfig, model, cases: list, methods_at, codec, bar, ckpt
     for n in cfg.contexts:
         sub = [c for c in cases if c.context_len == n]
         # the tokens actually generated (the floor raised to fit the answers) key the checkpoint
-        setting = [list(cfg.ruler_tasks), list(cfg.seeds), list(cfg.ruler_value_types),
-                   ruler.answer_tokens(codec, sub, cfg.ruler_max_new_tokens)]
+        n_new = ruler.answer_tokens(codec, sub, cfg.ruler_max_new_tokens)
+        setting = [list(cfg.ruler_tasks), list(cfg.seeds), list(cfg.ruler_value_types), n_new]
         calls = passkey.count_calls(sub, cfg.batch_size)
         for m in methods_at(cfg.methods, n):
             for mode in cfg.modes:
                 records += _checkpointed(
                     cfg, ckpt, bar, errors, ["ruler", n, m.label, mode, setting], calls,
-                    lambda: ruler.run_ruler(model, [m], sub, modes=[mode], max_new_tokens=cfg.ruler_max_new_tokens,
+                    lambda: ruler.run_ruler(model, [m], sub, modes=[mode], max_new_tokens=n_new,
                                             batch_size=cfg.batch_size, codec=codec, progress=bar))
     return {"summary": ruler.summarize(records),
             "by_context": ruler.summarize(records, ("method", "mode", "context")),

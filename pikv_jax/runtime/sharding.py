@@ -291,6 +291,5 @@ def mesh_summary(mesh: Mesh) -> dict[str, int]:
 
 
 __all__ = ["axis_size", "batch_sharding", "bytes_per_device", "cache_shardings", "check_expert_axis", "check_mesh",
-           "check_seq",
-           "expert_slot_split", "mesh_summary", "model_counts", "padded_batch", "place_params", "put", "replicated",
-           "seq_capacities", "seq_units", "state_shardings", "to_host", "with_shardings"]
+           "check_seq", "expert_slot_split", "mesh_summary", "model_counts", "padded_batch", "place_params", "put",
+           "replicated", "seq_capacities", "seq_units", "state_shardings", "to_host", "with_shardings"]
