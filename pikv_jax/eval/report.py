@@ -131,19 +131,24 @@ def _fmt(x, spec=".2f", na="n/a"):
 
 
 def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), context: int | None = None,
-                   methods: Sequence[str] | None = None, speed: Sequence[dict] = ()) -> str:
-    """The README table: per method, passkey accuracy (query-aware / query-agnostic), perplexity
-    change, KL and top-1 against the full cache, kept / allocated cache bytes and decode ms/token
-    (with its ratio to the full cache). Decode ms/token comes from the decode-speed rows measured at
-    `context` with the smallest batch when there are any (side by side, stop tokens off), else from
-    the query-aware passkey runs at `context`."""
+                   methods: Sequence[str] | None = None, speed: Sequence[dict] = (),
+                   ruler: Sequence[dict] = ()) -> str:
+    """The README table: per method, passkey accuracy (query-aware / query-agnostic), the RULER-style
+    mean when `ruler` rows (per method, mode and context) are given, perplexity change, KL and top-1
+    against the full cache, kept / allocated cache bytes and decode ms/token (with its ratio to the
+    full cache). Decode ms/token comes from the decode-speed rows measured at `context` with the
+    smallest batch when there are any (side by side, stop tokens off; the ratio is then the run's
+    ratio of medians with its per-round range), else from the query-aware passkey runs at `context`."""
     rows = [r for r in summary if context is None or r["context"] == context]
     by = {(r["method"], r["mode"]): r for r in rows}
     ppl = {r["method"]: r for r in prefix_ppl}
+    ru = {(r["method"], r["mode"]): r for r in ruler if context is None or r["context"] == context}
     sp = [r for r in speed if context is None or r["context"] == context]
     b_min = min((r["batch"] for r in sp), default=None)
-    sp_ms = {r["method"]: r["decode_ms_per_token"] for r in sp if r["batch"] == b_min}
-    labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + list(ppl)))
+    sp_row = {r["method"]: r for r in sp if r["batch"] == b_min}
+    sp_ms = {m: r["decode_ms_per_token"] for m, r in sp_row.items()}
+    labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + list(ppl)
+                                                              + [m for m, _ in ru]))
     full_ms = sp_ms.get("full") or (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic"))
                                     or {}).get("decode_ms_per_token")
 
@@ -155,24 +160,70 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
             bv = 0.0
         return (bv, base != "full", base)
 
-    head = ("| method | budget | passkey q-aware | passkey q-agnostic | ppl change | KL(full‖m) | top-1 | "
-            "kept KV (MiB) | allocated (MiB) | decode ms/token | vs full |")
-    lines = [head, "|" + "---|" * 11]
+    head = ["method", "budget", "passkey q-aware", "passkey q-agnostic"]
+    head += ["RULER q-aware", "RULER q-agnostic"] if ru else []
+    head += ["ppl change", "KL(full‖m)", "top-1", "kept KV (MiB)", "allocated (MiB)", "decode ms/token", "vs full"]
+    cells = []
     for label in sorted(labels, key=order):
         base, b = split_label(label)
         qa, qg = by.get((label, "query_aware")), by.get((label, "query_agnostic"))
-        any_row = qa or qg or {}
+        any_row = qa or qg or ru.get((label, "query_aware")) or ru.get((label, "query_agnostic")) or {}
         p = ppl.get(label, {})
         ms = sp_ms.get(label) if sp_ms else any_row.get("decode_ms_per_token")
         ratio = ms / full_ms if ms and full_ms else None
-        lines.append("| " + " | ".join([
-            base, budget_text(b),
-            _fmt(qa and qa["accuracy"], ".0%"), _fmt(qg and qg["accuracy"], ".0%"),
-            _fmt(p.get("ppl_change"), "+.1%"), _fmt(p.get("kl_mean"), ".3f"), _fmt(p.get("top1_agreement"), ".0%"),
-            _fmt(any_row.get("kept_bytes") and any_row["kept_bytes"] / MiB, ".1f"),
-            _fmt(any_row.get("cache_bytes") and any_row["cache_bytes"] / MiB, ".1f"),
-            _fmt(ms, ".1f"), _fmt(ratio, ".2f") + ("x" if ratio else "")]) + " |")
-    return "\n".join(lines)
+        row = [base, budget_text(b), _fmt(qa and qa["accuracy"], ".0%"), _fmt(qg and qg["accuracy"], ".0%")]
+        if ru:
+            row += [_fmt((ru.get((label, m)) or {}).get("accuracy"), ".2f") for m in ("query_aware", "query_agnostic")]
+        row += [_fmt(p.get("ppl_change"), "+.1%"), _fmt(p.get("kl_mean"), ".3f"), _fmt(p.get("top1_agreement"), ".0%"),
+                _fmt(any_row.get("kept_bytes") and any_row["kept_bytes"] / MiB, ".1f"),
+                _fmt(any_row.get("cache_bytes") and any_row["cache_bytes"] / MiB, ".1f"),
+                _fmt(ms, ".1f"), _ratio_cell(sp_row.get(label), ratio)]
+        cells.append(row)
+    return _table(head, cells)
+
+
+def _ratio_cell(speed_row: dict | None, fallback: float | None) -> str:
+    """"0.87x (0.80-0.95)": the speed run's ratio of medians and its per-round range when measured
+    side by side, else `fallback` (a ratio of two separately measured times)."""
+    r = speed_row or {}
+    if r.get("ratio_vs_full") is None:
+        return _fmt(fallback, ".2f") + ("x" if fallback else "")
+    lo, hi = r.get("ratio_vs_full_min"), r.get("ratio_vs_full_max")
+    spread = f" ({_range(lo, hi, '.2f')})" if lo is not None and hi is not None and lo != hi else ""
+    return f"{r['ratio_vs_full']:.2f}x{spread}"
+
+
+def merge_runs(payloads: Sequence[dict]) -> dict:
+    """The table's inputs from several eval JSON payloads (e.g. a passkey/perplexity/speed grid and a
+    RULER grid, or one run per context): passkey summary, prefix perplexity, decode speed and RULER
+    rows per context. A row two payloads both measured is an error, not a silent choice."""
+    keys = dict(passkey=("method", "mode", "context"), prefix_perplexity=("method",),
+                decode_speed=("method", "context", "batch"), ruler=("method", "mode", "context"))
+    merged: dict[str, list] = {k: [] for k in keys}
+    seen: dict[tuple, int] = {}
+    for i, p in enumerate(payloads):
+        parts = dict(passkey=p.get("passkey", {}).get("summary", []), prefix_perplexity=p.get("prefix_perplexity", []),
+                     decode_speed=p.get("decode_speed", []), ruler=p.get("ruler", {}).get("by_context", []))
+        for section, rows in parts.items():
+            for r in rows:
+                k = (section,) + tuple(r[f] for f in keys[section])
+                if k in seen:
+                    raise ValueError(f"payloads {seen[k]} and {i} both hold {section} row {k[1:]}; "
+                                     "pass each measurement once")
+                seen[k] = i
+                merged[section].append(r)
+    return merged
+
+
+def policy_tables(merged: dict, contexts: Sequence[int]) -> str:
+    """One README table per context from `merge_runs` output (perplexity rows are context-free:
+    a fixed compressed prefix, shown in every table)."""
+    parts = []
+    for c in contexts:
+        parts += [f"Context {c} tokens:", "",
+                  markdown_table(merged["passkey"], prefix_ppl=merged["prefix_perplexity"], context=c,
+                                 speed=merged["decode_speed"], ruler=merged["ruler"]), ""]
+    return "\n".join(parts)
 
 
 def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
@@ -233,5 +284,5 @@ def ruler_table(summary: Sequence[dict]) -> str:
     return _table(["method", "mode", "context"] + tasks + ["mean"], rows)
 
 
-__all__ = ["budget_text", "eviction_table", "markdown_table", "passkey_breakdown", "plot_accuracy_vs_bytes",
-           "ruler_table", "speed_table", "split_label", "write_json"]
+__all__ = ["budget_text", "eviction_table", "markdown_table", "merge_runs", "passkey_breakdown",
+           "plot_accuracy_vs_bytes", "policy_tables", "ruler_table", "speed_table", "split_label", "write_json"]

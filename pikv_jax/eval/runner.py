@@ -443,7 +443,7 @@ def markdown(payload: dict, *, table_context: int | None) -> str:
                   f"compressed prefix and {conf['ppl_tokens']} scored tokens; decode ms/token from "
                   f"{src}.", "",
                   report.markdown_table(summary, prefix_ppl=payload.get("prefix_perplexity", []), context=ctx,
-                                        speed=speed), ""]
+                                        speed=speed, ruler=payload.get("ruler", {}).get("by_context", [])), ""]
     if payload.get("passkey"):
         parts += ["Passkey accuracy by haystack / number of keys (all contexts):", "",
                   report.passkey_breakdown(payload["passkey"]["records"]), ""]

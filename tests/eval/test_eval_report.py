@@ -196,3 +196,64 @@ def test_eval_refuses_a_bad_mesh_before_loading():
 
     with pytest.raises(ValueError, match="unknown mesh axis|rows"):
         EvalConfig(mesh="rows=2").validate()
+
+
+def _ruler_rows(context=2048):
+    return [dict(method=m, mode=mode, context=context, n=9, accuracy=acc if mode == "query_aware" else acc / 2,
+                 kept_bytes=kb * R.MiB, cache_bytes=2 * kb * R.MiB)
+            for m, acc, kb in [("full", 0.5, 8.0), ("h2o@0.25", 0.25, 2.0), ("tova@0.25", 0.4, 2.0)]
+            for mode in ("query_aware", "query_agnostic")]
+
+
+def test_markdown_table_ruler_columns_and_side_by_side_ratio_range():
+    speed = [dict(method="full", context=2048, batch=1, decode_ms_per_token=40.0, ratio_vs_full=1.0,
+                  ratio_vs_full_min=1.0, ratio_vs_full_max=1.0),
+             dict(method="h2o@0.25", context=2048, batch=1, decode_ms_per_token=30.0, ratio_vs_full=0.75,
+                  ratio_vs_full_min=0.7, ratio_vs_full_max=0.81)]
+    lines = R.markdown_table(_summary(), context=2048, speed=speed, ruler=_ruler_rows()).splitlines()
+    assert lines[0].startswith("| method | budget | passkey q-aware | passkey q-agnostic | RULER q-aware | "
+                               "RULER q-agnostic | ppl change")
+    assert lines[2].startswith("| full | 100% | 100% | 50% | 0.50 | 0.25 |") and lines[2].endswith("| 40.0 | 1.00x |")
+    h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
+    assert "| 50% | 25% | 0.25 | 0.12 |" in h2o and h2o.endswith("| 30.0 | 0.75x (0.70-0.81) |")
+    # a method measured only on RULER still gets its row, with its bytes; passkey cells say n/a
+    tova = next(line for line in lines if line.startswith("| tova | 25%"))
+    assert tova.startswith("| tova | 25% | n/a | n/a | 0.40 | 0.20 |") and "| 2.0 | 4.0 |" in tova
+    # RULER rows at another context are not this table's
+    assert "RULER" not in R.markdown_table(_summary(), context=2048, ruler=_ruler_rows(4096))
+
+
+def test_merge_runs_and_one_table_per_context():
+    grid = {"passkey": {"summary": _summary()}, "prefix_perplexity": [dict(method="full", ppl_change=0.0)],
+            "decode_speed": [dict(method="full", context=2048, batch=1, decode_ms_per_token=40.0)]}
+    four_k = {"passkey": {"summary": [dict(r, context=4096) for r in _summary()]}}
+    merged = R.merge_runs([grid, {"ruler": {"by_context": _ruler_rows()}}, four_k])
+    assert len(merged["passkey"]) == 2 * len(_summary()) and len(merged["ruler"]) == 6
+    md = R.policy_tables(merged, [2048, 4096])
+    assert md.index("Context 2048 tokens:") < md.index("Context 4096 tokens:")
+    t2k, t4k = md.split("Context 4096 tokens:")
+    assert "RULER q-aware" in t2k and "RULER q-aware" not in t4k and "| 40.0 |" in t2k
+    with pytest.raises(ValueError, match="payloads 0 and 1 both hold passkey row"):
+        R.merge_runs([grid, grid])
+
+
+def test_policy_table_script_errors_are_one_line(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "policy_table.py"
+    spec = importlib.util.spec_from_file_location("policy_table", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"passkey": {"summary": _summary()}}))
+    out = tmp_path / "t.md"
+    assert mod.main([str(run), "--out", str(out)]) == 0 and "| h2o | 25% |" in out.read_text()
+    for argv, msg in [([str(run), "--contexts", "4k"], "--contexts: integers"),
+                      ([str(run), "--contexts", "4096"], "no passkey or RULER rows at [4096]"),
+                      ([str(run), str(run)], "runs: payloads 0 and 1"),
+                      ([str(tmp_path / "missing.json")], "runs: cannot read")]:
+        capsys.readouterr()
+        assert mod.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err
