@@ -28,6 +28,12 @@ PREFILL_TOK_S = {1024: 300.0, 2048: 220.0, 4096: 170.0}
 COMPILE_S = 20.0
 DECODE_STEP_S = 0.06
 RULER_NEW_TOKENS = 48  # answer-sized generation (ruler.answer_tokens) on SmolLM2's longest answers
+KVZIP_PREFILL_X = 3.4  # KVzip's prefill (uncached forward + chunked repeat pass + selecting prefill), measured
+
+
+def prefill_weight(methods) -> float:
+    """Plain prefills' worth of work per case, summed over `methods` (KVzip-scored ones cost more)."""
+    return sum(KVZIP_PREFILL_X if "kvzip" in m else 1.0 for m in methods)
 
 
 def _csv(cast):
@@ -101,19 +107,22 @@ def plan_text(cfg, n_methods: int, total_s: float) -> str:
 
 def estimate_s(cfg) -> dict:
     """Rough seconds per task on 2 idle cores (compiles dominate small runs, prefill large ones)."""
-    n_methods = len(cfg.methods)
+    n_methods, w = len(cfg.methods), prefill_weight(cfg.methods)
     per_ctx = len(cfg.depths) * len(cfg.seeds) * len(cfg.haystacks) * len(cfg.keys)
     ruler_ctx = len(cfg.seeds) * ruler_cases_per_seed(cfg)
     passkey = ruler = 0.0
     for c in cfg.contexts:
         tok_s = PREFILL_TOK_S.get(c, 200.0)
         compiles = len(cfg.modes) + (len(cfg.keys) > 1)  # a multi-key question changes the suffix shape
-        passkey += n_methods * (compiles * COMPILE_S + len(cfg.modes) * per_ctx * (c / tok_s + 8 * DECODE_STEP_S))
-        ruler += n_methods * len(cfg.modes) * (COMPILE_S + ruler_ctx * c / tok_s + RULER_NEW_TOKENS * DECODE_STEP_S)
-    ppl = (n_methods + 1) * (COMPILE_S + cfg.ppl_windows * cfg.ppl_prefix / 300.0 + cfg.ppl_tokens * DECODE_STEP_S)
+        passkey += (n_methods * (compiles * COMPILE_S + len(cfg.modes) * per_ctx * 8 * DECODE_STEP_S)
+                    + w * len(cfg.modes) * per_ctx * c / tok_s)
+        ruler += len(cfg.modes) * (n_methods * (COMPILE_S + RULER_NEW_TOKENS * DECODE_STEP_S)
+                                   + w * ruler_ctx * c / tok_s)
+    ppl = ((n_methods + 1) * (COMPILE_S + cfg.ppl_tokens * DECODE_STEP_S)
+           + (w + 1) * cfg.ppl_windows * cfg.ppl_prefix / 300.0)
     ev = 2 * (COMPILE_S + cfg.eviction_cache * (cfg.eviction_factor - 1) * DECODE_STEP_S)
-    speed = sum(len(cfg.speed_methods) * (COMPILE_S + b * cfg.speed_context / 170.0
-                                          + cfg.speed_new_tokens * DECODE_STEP_S * b) for b in cfg.speed_batches)
+    speed = sum(len(cfg.speed_methods) * (COMPILE_S + 6 * cfg.speed_new_tokens * DECODE_STEP_S * b)
+                + prefill_weight(cfg.speed_methods) * b * cfg.speed_context / 170.0 for b in cfg.speed_batches)
     t = set(cfg.tasks)
     out = dict(passkey=passkey * ("passkey" in t), ruler=ruler * ("ruler" in t),
                perplexity_fidelity=ppl * bool(t & {"ppl", "fidelity"}),
