@@ -54,6 +54,7 @@ class DecodeProgram:
     def __init__(self, model: PiKVModel, policy: CachePolicy, prompts: Sequence[Sequence[int]], new_tokens: int,
                  *, clock: Callable[[], float] = time.perf_counter):
         cfg = model.config
+        policy = model.bind_policy(policy)  # as generate binds it (KVzip's instruction and layer shares, ...)
         self.model, self.policy, self.clock = model, policy, clock
         ids = [list(p) for p in prompts]
         tokens, lengths = model.pad_prompt_batch(ids)  # what generate feeds

@@ -82,12 +82,11 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
     inv_freq = model.inv_freq()
     mass_from = policy.prefill_mass_from(lengths)
     shared: dict = {}
+    # KVzip scores every layer's prompt KV from a repeat pass that needs all of them, so its layers
+    # select after the forward (from the KV this forward computes, not a second forward of the prompt)
     kvzip = context_scorer(policy)
-    if kvzip is not None:
-        shared[CONTEXT_SCORES] = reconstruction_scores(model, tokens, lengths, kvzip.repeat_prompt_ids,
-                                                       kvzip.chunk_size)
     x = model.embed(tokens)
-    new_layers = []
+    new_layers, deferred = [], []
     for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
         h = layer.input_layernorm(x)
         q_raw, k_raw, v = layer.self_attn.qkv(h, jnp.maximum(pos, 0), inv_freq, rope=False)
@@ -95,13 +94,24 @@ def prefill(model: CausalLM, tokens, lengths, cache: KVCache, policy: CachePolic
         out, key_mass = dispatch.chunk_attention(q, k, v, pos, pos, sliding_window=cfg.sliding_window,
                                                  mass_from=mass_from, group_reduce=policy.group_reduce,
                                                  causal_prefix=True)
+        own = {}
         if getattr(policy, "router", None) == "moe":  # expert_kv's MoE router: the gate on the attention input
-            shared[ROUTER_LOGITS] = router_logits(layer, h)
+            own[ROUTER_LOGITS] = router_logits(layer, h)
         raw = policy.stores_raw_keys
         ctx = PrefillContext(q=q, k=k, v=v, pos=pos, lengths=lengths, key_mass=key_mass, shared=shared,
                              q_raw=q_raw, k_raw=k_raw if raw else None, inv_freq=inv_freq)
-        new_layers.append(policy.prefill(i, layer_cache, ctx))
+        if kvzip is None:
+            shared.update(own)
+            new_layers.append(policy.prefill(i, layer_cache, ctx))
+        else:
+            deferred.append((ctx, own))
         x = _mlp_block(layer, x + layer.self_attn.out(out))
+    if kvzip is not None:
+        shared[CONTEXT_SCORES] = reconstruction_scores(model, tokens, lengths, kvzip.repeat_prompt_ids,
+                                                       kvzip.chunk_size, kv=[(c.k, c.v) for c, _ in deferred])
+        for i, ((ctx, own), layer_cache) in enumerate(zip(deferred, cache.layers)):  # in layer order, as above
+            shared.update(own)
+            new_layers.append(policy.prefill(i, layer_cache, ctx))
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
     logits = model.logits(last)[:, 0]
     return logits, cache.replace(layers=tuple(new_layers), length=lengths.astype(jnp.int32))
@@ -199,15 +209,18 @@ def _reconstruction_attend(q, keys, vals, q_pos, k_pos, n_prompt: int, sliding_w
 
 
 def reconstruction_scores(model: CausalLM, tokens: Int[Array, "b s"], lengths: Int[Array, " b"],
-                          repeat_ids, chunk_size: int) -> tuple[Float[Array, "b hk s"], ...]:
+                          repeat_ids, chunk_size: int, kv=None) -> tuple[Float[Array, "b hk s"], ...]:
     """Per layer f32[B, Hkv, S]: the largest attention each prompt KV receives from the repeat queries
-    (0 for padding). repeat_ids: the instruction's token ids (may be empty)."""
+    (0 for padding). repeat_ids: the instruction's token ids (may be empty). kv: the prompt's per-layer
+    (keys after RoPE, values), [B, S, Hkv, D] each, when the caller's forward already computed them;
+    else one forward computes them."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     cfg = model.config
     b, s = tokens.shape
     pos = prompt_positions(tokens, lengths)
-    _, kv = forward_full(model, tokens, lengths, return_kv=True)
+    if kv is None:
+        _, kv = forward_full(model, tokens, lengths, return_kv=True)
     inv_freq = model.inv_freq()
     n_instr = len(repeat_ids)
     chunk = min(chunk_size, s)

@@ -3,6 +3,8 @@ per chunk over prompt + instruction + chunk), and the policy's selection, wrappe
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import numpy_reference
@@ -49,6 +51,53 @@ def test_reconstruction_scores_match_direct_computation(chunk):
         for layer, w in enumerate(want):
             np.testing.assert_allclose(np.asarray(got[layer][b, :, : len(p)]), w, rtol=2e-4, atol=2e-5)
             assert np.all(np.asarray(got[layer][b, :, len(p):]) == 0.0)  # padding receives nothing
+
+
+def test_prefill_scores_from_its_own_kv_equal_the_standalone_pass(monkeypatch):
+    """The prefill hands KVzip the reconstruction scores computed from the KV of its own forward (no
+    second forward of the prompt); they equal `reconstruction_scores` run on its own forward, per
+    layer, and the selection uses them (each head keeps the top scores besides the sinks)."""
+    import jax
+
+    from pikv_jax.cache.policies import init_policy_cache
+    from pikv_jax.cache.policies.kvzip import CONTEXT_SCORES
+    from pikv_jax.runtime import forward
+
+    seen = []
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Recording(KVzip):
+        def prefill_scores(self, layer, ctx):
+            seen.append(np.asarray(ctx.shared[CONTEXT_SCORES][layer]))
+            return super().prefill_scores(layer, ctx)
+
+    cfg, _, graphdef, params = ph.tiny_model()
+    model = nnx.merge(graphdef, params)
+    rng = np.random.default_rng(3)
+    lengths = jnp.asarray([20, 14], jnp.int32)
+    tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 20)), jnp.int32)
+    policy = Recording(budget_ratio=0.5, n_sink=2, chunk_size=6, repeat_prompt_ids=INSTR)
+    caps = tuple(policy.capacity_for(i, 20, 0) for i in range(cfg.num_hidden_layers))
+    cache = init_policy_cache(policy, 2, caps, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.dim_per_head,
+                              dtype=jnp.float32)
+    def second_forward(*a, **k):
+        raise AssertionError("the prefill ran a second forward of the prompt for KVzip's scores")
+
+    monkeypatch.setattr(forward, "forward_full", second_forward)
+    with jax.disable_jit():
+        _, cache = forward.prefill(model, tokens, lengths, cache, policy)
+    monkeypatch.undo()
+    want = reconstruction_scores(model, tokens, lengths, INSTR, 6)
+    assert len(seen) == cfg.num_hidden_layers
+    for layer, (got, w, lc) in enumerate(zip(seen, want, cache.layers)):
+        np.testing.assert_allclose(got, np.asarray(w), rtol=1e-5, atol=1e-6)
+        pos = np.asarray(lc.head_positions())
+        for b, n in enumerate(np.asarray(lengths)):
+            for h in range(pos.shape[1]):
+                kept = set(pos[b, h][pos[b, h] >= 0].tolist())
+                rest = [p for p in range(2, n) if p not in kept]
+                assert {0, 1} <= kept and len(kept) == int(np.ceil(0.5 * n))
+                assert min(got[b, h, sorted(kept - {0, 1})]) >= max(got[b, h, rest])
 
 
 def test_generate_keeps_each_rows_budget():
