@@ -8,10 +8,11 @@ chunks of `chunk_size` context tokens, each chunk preceded by the instruction an
 whole prompt's KV plus itself (causal), so the attention matrix held at once is
 [chunk + instruction] x [prompt + chunk + instruction] per head, not quadratic in the prompt.
 
-The scoring pass is run by the runtime (`runtime.forward.reconstruction_scores`) before the
-prefill and handed to the policy in `PrefillContext.shared[CONTEXT_SCORES]`: one full forward for
-the prompt's KV, the repeat pass (about as many tokens again), then the prefill that selects. About 3x a plain prefill
-on this implementation (the paper reports 2-3x); decode is unchanged. Prefill selection only:
+The scoring pass is run by the runtime (`runtime.forward.reconstruction_scores`) after the
+prefill's forward, over the KV that forward computed, and handed to the policy in
+`PrefillContext.shared[CONTEXT_SCORES]`; the layers select after it. The cost is the prefill plus the
+repeat pass (about as many tokens again, attending to the prompt): 2-3x a plain prefill (the paper
+reports 2-3x; `scripts/bench_prefill.py` measures it); decode is unchanged. Prefill selection only:
 compose with a decode-time policy (`kvzip+h2o`) to evict while decoding.
 
 Budgets. `budget_scope="layer"` (default): every layer keeps the same budget; per head within a
