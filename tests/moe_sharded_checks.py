@@ -131,7 +131,10 @@ def main():
     a, b = moe_layers(q_single.model)[0], moe_layers(q_sharded.model)[0]
     ya, yb = np.asarray(block(a, x)), np.asarray(block(b, x))
     sa, sb = a.get_stats(), b.get_stats()
-    out["qwen_capacity"] = dict(block_equal=bool(np.array_equal(ya, yb)), block_max_diff=float(np.abs(ya - yb).max()),
+    # the expert-parallel sum (psum over devices) adds in another order: 1e-6-level differences, while a
+    # different drop changes a token's output by O(1)
+    out["qwen_capacity"] = dict(block_close=bool(np.allclose(ya, yb, rtol=1e-5, atol=1e-5)),
+                                block_max_diff=float(np.abs(ya - yb).max()),
                                 dropped=[sa["dropped"], sb["dropped"]], parallel=b.expert_parallel is not None,
                                 processed_equal=sa["processed_per_expert"] == sb["processed_per_expert"])
     out["errors"] = errors()
