@@ -11,8 +11,8 @@ whole prompt's KV plus itself (causal), so the attention matrix held at once is
 The scoring pass is run by the runtime (`runtime.forward.reconstruction_scores`) after the
 prefill's forward, over the KV that forward computed, and handed to the policy in
 `PrefillContext.shared[CONTEXT_SCORES]`; the layers select after it. The cost is the prefill plus the
-repeat pass (about as many tokens again, attending to the prompt): 2-3x a plain prefill (the paper
-reports 2-3x; `scripts/bench_prefill.py` measures it); decode is unchanged. Prefill selection only:
+repeat pass (about as many tokens again, attending to the prompt): 3.6x a plain prefill at 2k on
+CPU (`scripts/bench_prefill.py`; the paper reports 2-3x on GPUs); decode is unchanged. Prefill selection only:
 compose with a decode-time policy (`kvzip+h2o`) to evict while decoding.
 
 Budgets. `budget_scope="layer"` (default): every layer keeps the same budget; per head within a
