@@ -19,9 +19,8 @@ import argparse
 import jax
 
 from pikv_jax.bench import fmt_spread, interleaved_rounds, machine_info, protocol, write_json
-from pikv_jax.eval import passkey
 from pikv_jax.eval.methods import parse_methods
-from pikv_jax.eval.speed import TINY, DecodeProgram, load_bench_model, ratio_fields, timing_fields
+from pikv_jax.eval.speed import TINY, DecodeProgram, load_bench_model, ratio_fields, timing_fields, varied_prompt
 
 DEFAULT_METHODS = ("full;snapkv@0.25;expected_attention@0.25;kvzip@0.25;adakv(kvzip)@0.25;"
                    "adakv(kvzip(budget_scope=global))@0.25")
@@ -46,9 +45,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     model = load_bench_model(args.model)
-    codec = passkey.codec_for(model)
-    hay = passkey.make_haystack(codec, "varied")
-    prompt = [hay.ids[i % len(hay.ids)] for i in range(args.context)]
+    prompt = varied_prompt(model, args.context)
     methods = parse_methods([m for m in args.methods.split(";") if m.strip()], model=model, context_len=args.context)
     if not methods[0].is_full:
         raise SystemExit("bench_prefill: --methods: the first method must be 'full' (the ratios' base)")

@@ -44,6 +44,12 @@ def random_prompt(model: PiKVModel, length: int, rng: np.random.Generator) -> li
     return rng.integers(low, model.config.vocab_size, length).tolist()
 
 
+def varied_prompt(model: PiKVModel, context: int, *, codec=None) -> list[int]:
+    """`context` token ids of the shipped varied haystack (repeated as needed): the timing prompt."""
+    hay = passkey.make_haystack(codec or passkey.codec_for(model), "varied")
+    return [hay.ids[i % len(hay.ids)] for i in range(context)]
+
+
 class DecodeProgram:
     """The prefill and decode executables `generate` compiles for (policy, prompts, new_tokens),
     with greedy sampling and stop tokens off, and one prefilled state to decode from.
@@ -145,9 +151,7 @@ def decode_speed(model, methods, *, context: int, batches: Sequence[int], new_to
 
     ckpt: get/put of finished (context, batch) groups; on_error(method, exc, **where) records a
     method's failure and goes on (without it the error is raised)."""
-    codec = codec or passkey.codec_for(model)
-    hay = passkey.make_haystack(codec, "varied")
-    prompt = [hay.ids[i % len(hay.ids)] for i in range(context)]
+    prompt = varied_prompt(model, context, codec=codec)
     ordered = sorted(methods, key=lambda m: not m.is_full)
     rows = []
     for b in batches:
@@ -194,4 +198,4 @@ def _speed_group(model, methods, prompts, *, context, batch, new_tokens, rounds,
 
 
 __all__ = ["DecodeProgram", "decode_rounds", "decode_speed", "load_bench_model", "random_prompt", "ratio_fields",
-           "timing_fields"]
+           "timing_fields", "varied_prompt"]
