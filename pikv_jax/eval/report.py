@@ -138,7 +138,10 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
     against the full cache, kept / allocated cache bytes and decode ms/token (with its ratio to the
     full cache). Decode ms/token comes from the decode-speed rows measured at `context` with the
     smallest batch when there are any (side by side, stop tokens off; the ratio is then the run's
-    ratio of medians with its per-round range), else from the query-aware passkey runs at `context`."""
+    ratio of medians with its per-round range), else from the query-aware passkey runs at `context`.
+    Allocated bytes are per sequence and come from that same timed run when there is one (so the
+    column matches the decode column), else from the passkey runs (whose cache also holds the question
+    and the answer, sized for their batch)."""
     rows = [r for r in summary if context is None or r["context"] == context]
     by = {(r["method"], r["mode"]): r for r in rows}
     ppl = {r["method"]: r for r in prefix_ppl}
@@ -170,13 +173,16 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
         any_row = qa or qg or ru.get((label, "query_aware")) or ru.get((label, "query_agnostic")) or {}
         p = ppl.get(label, {})
         ms = sp_ms.get(label) if sp_ms else any_row.get("decode_ms_per_token")
+        timed = sp_row.get(label) or {}
+        allocated = (timed["cache_bytes"] / timed["batch"] if timed.get("cache_bytes") is not None
+                     else any_row.get("cache_bytes"))
         ratio = ms / full_ms if ms and full_ms else None
         row = [base, budget_text(b), _fmt(qa and qa["accuracy"], ".0%"), _fmt(qg and qg["accuracy"], ".0%")]
         if ru:
             row += [_fmt((ru.get((label, m)) or {}).get("accuracy"), ".2f") for m in ("query_aware", "query_agnostic")]
         row += [_fmt(p.get("ppl_change"), "+.1%"), _fmt(p.get("kl_mean"), ".3f"), _fmt(p.get("top1_agreement"), ".0%"),
                 _fmt(any_row.get("kept_bytes") and any_row["kept_bytes"] / MiB, ".1f"),
-                _fmt(any_row.get("cache_bytes") and any_row["cache_bytes"] / MiB, ".1f"),
+                _fmt(allocated and allocated / MiB, ".1f"),
                 _fmt(ms, ".1f"), _ratio_cell(sp_row.get(label), ratio)]
         cells.append(row)
     return _table(head, cells)
@@ -220,10 +226,21 @@ def policy_tables(merged: dict, contexts: Sequence[int]) -> str:
     a fixed compressed prefix, shown in every table)."""
     parts = []
     for c in contexts:
-        parts += [f"Context {c} tokens:", "",
+        parts += [f"Context {c} tokens{_cases_caption(merged, c)}:", "",
                   markdown_table(merged["passkey"], prefix_ppl=merged["prefix_perplexity"], context=c,
                                  speed=merged["decode_speed"], ruler=merged["ruler"]), ""]
     return "\n".join(parts)
+
+
+def _cases_caption(merged: dict, context: int) -> str:
+    """" (passkey: 3 cases per mode; RULER: 18)": how many cases each accuracy cell at `context` is
+    out of, so tables built from grids of different sizes are read for what they are."""
+    parts = []
+    for section, name in (("passkey", "passkey"), ("ruler", "RULER")):
+        ns = sorted({r["n"] for r in merged[section] if r["context"] == context and r.get("n") is not None})
+        if ns:
+            parts.append(f"{name}: {'/'.join(str(n) for n in ns)} cases per mode")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:

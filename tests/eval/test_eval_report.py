@@ -52,6 +52,20 @@ def test_markdown_table_takes_decode_ms_from_speed_rows_at_the_table_context():
     assert h2o.endswith("| 10.0 | 0.25x |")
 
 
+def test_markdown_table_allocated_bytes_come_from_the_timed_run_per_sequence():
+    speed = [dict(method="full", context=2048, batch=1, decode_ms_per_token=40.0, cache_bytes=9 * R.MiB),
+             dict(method="h2o@0.25", context=2048, batch=1, decode_ms_per_token=10.0, cache_bytes=3 * R.MiB)]
+    lines = R.markdown_table(_summary(), context=2048, speed=speed).splitlines()
+    assert lines[2].endswith("| 8.0 | 9.0 | 40.0 | 1.00x |")  # kept from passkey, allocated from the timed run
+    h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
+    assert h2o.endswith("| 2.0 | 3.0 | 10.0 | 0.25x |")
+    snap = next(line for line in lines if line.startswith("| snapkv | 25%"))  # not timed: the passkey run's bytes
+    assert "| 2.0 | 4.0 |" in snap
+    two = [dict(r, batch=2, cache_bytes=2 * r["cache_bytes"]) for r in speed]  # per sequence
+    full_line = R.markdown_table(_summary(), context=2048, speed=two).splitlines()[2]
+    assert full_line.endswith("| 8.0 | 9.0 | 40.0 | 1.00x |")
+
+
 def test_json_is_strict_and_png_written(tmp_path):
     p = R.write_json(str(tmp_path / "sub" / "x.json"), {"a": float("nan"), "b": [1.0, float("inf")], "c": True})
     data = json.loads(open(p).read())
@@ -230,8 +244,9 @@ def test_merge_runs_and_one_table_per_context():
     merged = R.merge_runs([grid, {"ruler": {"by_context": _ruler_rows()}}, four_k])
     assert len(merged["passkey"]) == 2 * len(_summary()) and len(merged["ruler"]) == 6
     md = R.policy_tables(merged, [2048, 4096])
-    assert md.index("Context 2048 tokens:") < md.index("Context 4096 tokens:")
-    t2k, t4k = md.split("Context 4096 tokens:")
+    assert md.index("Context 2048 tokens (passkey: 4 cases per mode; RULER: 9 cases per mode):") < md.index(
+        "Context 4096 tokens (passkey: 4 cases per mode):")
+    t2k, t4k = md.split("Context 4096 tokens")
     assert "RULER q-aware" in t2k and "RULER q-aware" not in t4k and "| 40.0 |" in t2k
     with pytest.raises(ValueError, match="payloads 0 and 1 both hold passkey row"):
         R.merge_runs([grid, grid])
