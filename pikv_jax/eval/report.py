@@ -140,8 +140,9 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
     smallest batch when there are any (side by side, stop tokens off; the ratio is then the run's
     ratio of medians with its per-round range), else from the query-aware passkey runs at `context`.
     Allocated bytes are per sequence and come from that same timed run when there is one (so the
-    column matches the decode column), else from the passkey runs (whose cache also holds the question
-    and the answer, sized for their batch)."""
+    column matches the decode column), else from the query-agnostic passkey run (the context's cache
+    alone; the query-aware one also holds question and answer). With a `context`, only methods measured
+    at it get a row (perplexity rows alone are context-free and do not make one)."""
     rows = [r for r in summary if context is None or r["context"] == context]
     by = {(r["method"], r["mode"]): r for r in rows}
     ppl = {r["method"]: r for r in prefix_ppl}
@@ -150,8 +151,8 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
     b_min = min((r["batch"] for r in sp), default=None)
     sp_row = {r["method"]: r for r in sp if r["batch"] == b_min}
     sp_ms = {m: r["decode_ms_per_token"] for m, r in sp_row.items()}
-    labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + list(ppl)
-                                                              + [m for m, _ in ru]))
+    labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + [m for m, _ in ru]
+                                                              + (list(ppl) if context is None else [])))
     full_ms = sp_ms.get("full") or (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic"))
                                     or {}).get("decode_ms_per_token")
 
@@ -175,7 +176,7 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
         ms = sp_ms.get(label) if sp_ms else any_row.get("decode_ms_per_token")
         timed = sp_row.get(label) or {}
         allocated = (timed["cache_bytes"] / timed["batch"] if timed.get("cache_bytes") is not None
-                     else any_row.get("cache_bytes"))
+                     else (qg or any_row).get("cache_bytes"))
         ratio = ms / full_ms if ms and full_ms else None
         row = [base, budget_text(b), _fmt(qa and qa["accuracy"], ".0%"), _fmt(qg and qg["accuracy"], ".0%")]
         if ru:

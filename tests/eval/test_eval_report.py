@@ -15,7 +15,8 @@ def _summary():
         for mode in ("query_aware", "query_agnostic"):
             rows.append(dict(method=method, mode=mode, context=2048, n=4,
                              accuracy=acc if mode == "query_aware" else acc / 2,
-                             kept_tokens=kept * 10, kept_bytes=kept * R.MiB, cache_bytes=2 * kept * R.MiB,
+                             kept_tokens=kept * 10, kept_bytes=kept * R.MiB,
+                             cache_bytes=(2 if mode == "query_aware" else 1.5) * kept * R.MiB,
                              full_cache_bytes=8 * R.MiB, decode_ms_per_token=10 * kept, kept_fraction=kept / 8))
     return rows
 
@@ -33,7 +34,7 @@ def test_markdown_table():
     lines = md.splitlines()
     assert lines[0].startswith("| method | budget | passkey q-aware")
     assert len(lines) == 2 + 5
-    assert lines[2].startswith("| full | 100% | 100% | 50% | +0.0% | 0.000 | 100% | 8.0 | 16.0 | 80.0 | 1.00x |")
+    assert lines[2].startswith("| full | 100% | 100% | 50% | +0.0% | 0.000 | 100% | 8.0 | 12.0 | 80.0 | 1.00x |")
     h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
     assert "+12.3%" in h2o and "0.046" in h2o and "0.25x" in h2o
     # budgets: 50% rows before 25% rows
@@ -59,8 +60,12 @@ def test_markdown_table_allocated_bytes_come_from_the_timed_run_per_sequence():
     assert lines[2].endswith("| 8.0 | 9.0 | 40.0 | 1.00x |")  # kept from passkey, allocated from the timed run
     h2o = next(line for line in lines if line.startswith("| h2o | 25%"))
     assert h2o.endswith("| 2.0 | 3.0 | 10.0 | 0.25x |")
-    snap = next(line for line in lines if line.startswith("| snapkv | 25%"))  # not timed: the passkey run's bytes
-    assert "| 2.0 | 4.0 |" in snap
+    snap = next(line for line in lines if line.startswith("| snapkv | 25%"))  # not timed: the q-agnostic run's
+    assert "| 2.0 | 3.0 |" in snap
+    # a method with perplexity rows only is not a row of a table at one context
+    ppl_only = R.markdown_table(_summary(), context=2048, prefix_ppl=[dict(method="int4", ppl_change=0.01)])
+    assert "| int4 |" not in ppl_only and "| int4 |" in R.markdown_table(
+        _summary(), prefix_ppl=[dict(method="int4", ppl_change=0.01)])
     two = [dict(r, batch=2, cache_bytes=2 * r["cache_bytes"]) for r in speed]  # per sequence
     full_line = R.markdown_table(_summary(), context=2048, speed=two).splitlines()[2]
     assert full_line.endswith("| 8.0 | 9.0 | 40.0 | 1.00x |")
