@@ -150,11 +150,10 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
     sp = [r for r in speed if context is None or r["context"] == context]
     b_min = min((r["batch"] for r in sp), default=None)
     sp_row = {r["method"]: r for r in sp if r["batch"] == b_min}
-    sp_ms = {m: r["decode_ms_per_token"] for m, r in sp_row.items()}
     labels = list(methods) if methods else list(dict.fromkeys([r["method"] for r in rows] + [m for m, _ in ru]
                                                               + (list(ppl) if context is None else [])))
-    full_ms = sp_ms.get("full") or (by.get(("full", "query_aware")) or by.get(("full", "query_agnostic"))
-                                    or {}).get("decode_ms_per_token")
+    full_ms = (sp_row.get("full") or by.get(("full", "query_aware")) or by.get(("full", "query_agnostic"))
+               or {}).get("decode_ms_per_token")
 
     def order(label):
         base, b = split_label(label)
@@ -173,8 +172,8 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
         qa, qg = by.get((label, "query_aware")), by.get((label, "query_agnostic"))
         any_row = qa or qg or ru.get((label, "query_aware")) or ru.get((label, "query_agnostic")) or {}
         p = ppl.get(label, {})
-        ms = sp_ms.get(label) if sp_ms else any_row.get("decode_ms_per_token")
         timed = sp_row.get(label) or {}
+        ms = (timed if sp_row else any_row).get("decode_ms_per_token")
         allocated = (timed["cache_bytes"] / timed["batch"] if timed.get("cache_bytes") is not None
                      else (qg or any_row).get("cache_bytes"))
         ratio = ms / full_ms if ms and full_ms else None
@@ -184,7 +183,7 @@ def markdown_table(summary: Sequence[dict], *, prefix_ppl: Sequence[dict] = (), 
         row += [_fmt(p.get("ppl_change"), "+.1%"), _fmt(p.get("kl_mean"), ".3f"), _fmt(p.get("top1_agreement"), ".0%"),
                 _fmt(any_row.get("kept_bytes") and any_row["kept_bytes"] / MiB, ".1f"),
                 _fmt(allocated and allocated / MiB, ".1f"),
-                _fmt(ms, ".1f"), _ratio_cell(sp_row.get(label), ratio)]
+                _fmt(ms, ".1f"), _ratio_cell(timed, ratio)]
         cells.append(row)
     return _table(head, cells)
 
@@ -234,7 +233,7 @@ def policy_tables(merged: dict, contexts: Sequence[int]) -> str:
 
 
 def _cases_caption(merged: dict, context: int) -> str:
-    """" (passkey: 3 cases per mode; RULER: 18)": how many cases each accuracy cell at `context` is
+    """" (passkey: 3 cases per mode; RULER: 9 cases per mode)": how many cases each accuracy cell at `context` is
     out of, so tables built from grids of different sizes are read for what they are."""
     parts = []
     for section, name in (("passkey", "passkey"), ("ruler", "RULER")):
