@@ -3,7 +3,8 @@ accuracy and RULER-style mean in both modes, perplexity / KL / top-1, kept and a
 decode ms/token measured side by side (ratio of medians with its per-round range).
 
 Runs are eval JSON files (`scripts/eval_grid.py` or `pikv eval` outputs); a measurement present in
-two of them is an error. Writes the markdown to --out and prints it.
+two of them is an error, except decode speed under --speed-from (a run that timed every row again,
+side by side, replaces earlier groups at its context and batch). Writes the markdown to --out and prints it.
 
     python scripts/policy_table.py benchmarks/policies-2k.json benchmarks/ruler-2k.json \\
         --contexts 2048 --out benchmarks/policy-table.md
@@ -22,6 +23,9 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default=None,
                     help="comma-separated contexts, one table each (default: every passkey context in the runs)")
     ap.add_argument("--out", default=None, help="markdown file to write")
+    ap.add_argument("--speed-from", default=None,
+                    help="one of the runs: its decode-speed groups replace the other runs' at the same context and "
+                         "batch (a later side-by-side timing of every row)")
     args = ap.parse_args(argv)
     from pikv_jax.eval import report
 
@@ -33,8 +37,12 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"policy_table: runs: cannot read {path!r} as eval JSON ({e})", file=sys.stderr)
             return 2
+    if args.speed_from is not None and args.speed_from not in args.runs:
+        print(f"policy_table: --speed-from: one of the runs given, got {args.speed_from!r}", file=sys.stderr)
+        return 2
     try:
-        merged = report.merge_runs(payloads)
+        merged = report.merge_runs(payloads, speed_from=args.runs.index(args.speed_from)
+                                   if args.speed_from is not None else None)
     except ValueError as e:
         print(f"policy_table: runs: {e}", file=sys.stderr)
         return 2

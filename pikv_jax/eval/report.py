@@ -199,17 +199,26 @@ def _ratio_cell(speed_row: dict | None, fallback: float | None) -> str:
     return f"{r['ratio_vs_full']:.2f}x{spread}"
 
 
-def merge_runs(payloads: Sequence[dict]) -> dict:
+def merge_runs(payloads: Sequence[dict], *, speed_from: int | None = None) -> dict:
     """The table's inputs from several eval JSON payloads (e.g. a passkey/perplexity/speed grid and a
     RULER grid, or one run per context): passkey summary, prefix perplexity, decode speed and RULER
-    rows per context. A row two payloads both measured is an error, not a silent choice."""
+    rows per context. A row two payloads both measured is an error, not a silent choice.
+
+    speed_from: the index of a payload whose decode-speed groups supersede the others' at the same
+    (context, batch): ratios read from one column must come from one side-by-side timing, so a later
+    run that times every row again replaces an earlier group of some rows rather than joining it."""
     keys = dict(passkey=("method", "mode", "context"), prefix_perplexity=("method",),
                 decode_speed=("method", "context", "batch"), ruler=("method", "mode", "context"))
+    if speed_from is not None and not 0 <= speed_from < len(payloads):
+        raise ValueError(f"speed_from {speed_from}; allowed: a payload index in [0, {len(payloads)})")
+    groups = ({(r["context"], r["batch"]) for r in payloads[speed_from].get("decode_speed", [])}
+              if speed_from is not None else set())
     merged: dict[str, list] = {k: [] for k in keys}
     seen: dict[tuple, int] = {}
     for i, p in enumerate(payloads):
+        speed = [r for r in p.get("decode_speed", []) if i == speed_from or (r["context"], r["batch"]) not in groups]
         parts = dict(passkey=p.get("passkey", {}).get("summary", []), prefix_perplexity=p.get("prefix_perplexity", []),
-                     decode_speed=p.get("decode_speed", []), ruler=p.get("ruler", {}).get("by_context", []))
+                     decode_speed=speed, ruler=p.get("ruler", {}).get("by_context", []))
         for section, rows in parts.items():
             for r in rows:
                 k = (section,) + tuple(r[f] for f in keys[section])

@@ -257,6 +257,25 @@ def test_merge_runs_and_one_table_per_context():
         R.merge_runs([grid, grid])
 
 
+def test_merge_runs_speed_from_replaces_whole_groups_only():
+    def timed(method, context, batch, ms):
+        return dict(method=method, context=context, batch=batch, decode_ms_per_token=ms)
+
+    old = {"decode_speed": [timed("full", 4096, 1, 50.0), timed("h2o@0.25", 4096, 1, 40.0),
+                            timed("full", 2048, 1, 30.0), timed("full", 4096, 8, 90.0)]}
+    new = {"decode_speed": [timed("full", 4096, 1, 48.0), timed("h2o@0.25", 4096, 1, 39.0),
+                            timed("tova@0.5", 4096, 1, 44.0)]}
+    with pytest.raises(ValueError, match="both hold decode_speed row"):
+        R.merge_runs([old, new])
+    got = {(r["method"], r["context"], r["batch"]): r["decode_ms_per_token"]
+           for r in R.merge_runs([old, new], speed_from=1)["decode_speed"]}
+    # the (4096, 1) group is the new run's whole; other contexts and batches keep the old rows
+    assert got == {("full", 4096, 1): 48.0, ("h2o@0.25", 4096, 1): 39.0, ("tova@0.5", 4096, 1): 44.0,
+                   ("full", 2048, 1): 30.0, ("full", 4096, 8): 90.0}
+    with pytest.raises(ValueError, match=r"speed_from 2; allowed: a payload index in \[0, 2\)"):
+        R.merge_runs([old, new], speed_from=2)
+
+
 def test_policy_table_script_errors_are_one_line(tmp_path, capsys):
     import importlib.util
     import pathlib
@@ -272,6 +291,7 @@ def test_policy_table_script_errors_are_one_line(tmp_path, capsys):
     for argv, msg in [([str(run), "--contexts", "4k"], "--contexts: integers"),
                       ([str(run), "--contexts", "4096"], "no passkey or RULER rows at [4096]"),
                       ([str(run), str(run)], "runs: payloads 0 and 1"),
+                      ([str(run), "--speed-from", "other.json"], "--speed-from: one of the runs given"),
                       ([str(tmp_path / "missing.json")], "runs: cannot read")]:
         capsys.readouterr()
         assert mod.main(argv) == 2
