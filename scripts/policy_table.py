@@ -27,6 +27,9 @@ def main(argv=None) -> int:
                     help="one of the runs: its decode-speed groups replace the other runs' at the same context and "
                          "batch (a later side-by-side timing of every row)")
     args = ap.parse_args(argv)
+    if args.speed_from is not None and args.speed_from not in args.runs:
+        print(f"policy_table: --speed-from: one of the runs given, got {args.speed_from!r}", file=sys.stderr)
+        return 2
     from pikv_jax.eval import report
 
     payloads = []
@@ -37,9 +40,6 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as e:
             print(f"policy_table: runs: cannot read {path!r} as eval JSON ({e})", file=sys.stderr)
             return 2
-    if args.speed_from is not None and args.speed_from not in args.runs:
-        print(f"policy_table: --speed-from: one of the runs given, got {args.speed_from!r}", file=sys.stderr)
-        return 2
     try:
         merged = report.merge_runs(payloads, speed_from=args.runs.index(args.speed_from)
                                    if args.speed_from is not None else None)
