@@ -4,7 +4,9 @@ decode ms/token measured side by side (ratio of medians with its per-round range
 
 Runs are eval JSON files (`scripts/eval_grid.py` or `pikv eval` outputs); a measurement present in
 two of them is an error, except decode speed under --speed-from (a run that timed every row again,
-side by side, replaces earlier groups at its context and batch). Writes the markdown to --out and prints it.
+side by side, replaces earlier groups at its context and batch) and passkey / RULER rows whose runs hold
+different cases (another haystack or seed: the row is summarized over the union of their records).
+Writes the markdown to --out and prints it.
 
     python scripts/policy_table.py benchmarks/policies-2k.json benchmarks/ruler-2k.json \\
         --contexts 2048 --out benchmarks/policy-table.md

@@ -199,10 +199,17 @@ def _ratio_cell(speed_row: dict | None, fallback: float | None) -> str:
     return f"{r['ratio_vs_full']:.2f}x{spread}"
 
 
+# fields that name one case of a task (with method, mode and context): two runs may share a table row
+# only when their records are different cases, e.g. a second haystack or seed run later
+CASE_FIELDS = dict(passkey=("depth", "seed", "haystack", "n_keys"), ruler=("task", "value_type", "seed", "haystack"))
+
+
 def merge_runs(payloads: Sequence[dict], *, speed_from: int | None = None) -> dict:
     """The table's inputs from several eval JSON payloads (e.g. a passkey/perplexity/speed grid and a
     RULER grid, or one run per context): passkey summary, prefix perplexity, decode speed and RULER
-    rows per context. A row two payloads both measured is an error, not a silent choice.
+    rows per context. A row two payloads both measured is an error, not a silent choice, except that
+    passkey and RULER rows whose runs hold different cases (another haystack, another seed) are
+    summarized again over the union of their records.
 
     speed_from: the index of a payload whose decode-speed groups supersede the others' at the same
     (context, batch): ratios read from one column must come from one side-by-side timing, so a later
@@ -223,11 +230,37 @@ def merge_runs(payloads: Sequence[dict], *, speed_from: int | None = None) -> di
             for r in rows:
                 k = (section,) + tuple(r[f] for f in keys[section])
                 if k in seen:
-                    raise ValueError(f"payloads {seen[k]} and {i} both hold {section} row {k[1:]}; "
-                                     "pass each measurement once")
+                    at = merged[section].index(next(m for m in merged[section]
+                                                    if tuple(m[f] for f in keys[section]) == k[1:]))
+                    merged[section][at] = _union_row(section, k[1:], payloads, seen[k], i)
+                else:
+                    merged[section].append(r)
                 seen[k] = i
-                merged[section].append(r)
     return merged
+
+
+def _union_row(section: str, key: tuple, payloads: Sequence[dict], first: int, i: int) -> dict:
+    """The row `key` of `section` summarized again over its records in payloads `first` (and any merged
+    into it before) and `i`, when both runs kept their records and hold different cases of it."""
+    fields = CASE_FIELDS.get(section)
+    clash = ValueError(f"payloads {first} and {i} both hold {section} row {key}; pass each measurement once")
+    if fields is None:
+        raise clash
+
+    def own(p: dict) -> list[dict]:
+        return [r for r in p.get(section, {}).get("records", []) if (r["method"], r["mode"], r["context"]) == key]
+
+    if not own(payloads[first]) or not own(payloads[i]):
+        raise clash  # no records to tell the cases apart
+    records = [r for p in payloads[:i + 1] for r in own(p)]
+    cases = [tuple(r.get(f) for f in fields) for r in records]
+    if len(set(cases)) < len(cases):
+        raise clash
+    rows = summarize(records, keys=("method", "mode", "context"),
+                     metric="score" if section == "ruler" else "correct")
+    if section == "ruler":
+        rows[0]["all_correct"] = summarize(records, keys=("method", "mode", "context"))[0]["accuracy"]
+    return rows[0]
 
 
 def policy_tables(merged: dict, contexts: Sequence[int]) -> str:
@@ -310,5 +343,5 @@ def ruler_table(summary: Sequence[dict]) -> str:
     return _table(["method", "mode", "context"] + tasks + ["mean"], rows)
 
 
-__all__ = ["budget_text", "eviction_table", "markdown_table", "merge_runs", "passkey_breakdown",
+__all__ = ["CASE_FIELDS", "budget_text", "eviction_table", "markdown_table", "merge_runs", "passkey_breakdown",
            "plot_accuracy_vs_bytes", "policy_tables", "ruler_table", "speed_table", "split_label", "write_json"]

@@ -6,6 +6,8 @@ import math
 import pytest
 
 from pikv_jax.eval import report as R
+from pikv_jax.eval.passkey import summarize as passkey_summary
+from pikv_jax.eval.ruler import summarize as ruler_summary
 
 
 def _summary():
@@ -274,6 +276,42 @@ def test_merge_runs_speed_from_replaces_whole_groups_only():
                    ("full", 2048, 1): 30.0, ("full", 4096, 8): 90.0}
     with pytest.raises(ValueError, match=r"speed_from 2; allowed: a payload index in \[0, 2\)"):
         R.merge_runs([old, new], speed_from=2)
+
+
+def _passkey_records(haystack, correct):
+    return [dict(method="tova@0.25", mode=mode, context=4096, depth=d, seed=0, haystack=haystack, n_keys=1,
+                 correct=ok, kept_tokens=1024.0, kept_bytes=kb, cache_bytes=2 * kb, full_cache_bytes=4 * R.MiB,
+                 decode_ms_per_token=ms)
+            for mode in ("query_aware", "query_agnostic")
+            for d, ok, kb, ms in zip((0.1, 0.5, 0.9), correct, (R.MiB, R.MiB, 1.5 * R.MiB), (30.0, 31.0, 32.0))]
+
+
+def _passkey_run(records):
+    return {"passkey": {"summary": passkey_summary(records), "records": records}}
+
+
+def test_merge_runs_unions_the_cases_of_runs_that_hold_different_ones():
+    varied, repetitive = _passkey_records("varied", (True, False, False)), _passkey_records("repetitive", (1, 1, 0))
+    got = R.merge_runs([_passkey_run(varied), _passkey_run(repetitive)])["passkey"]
+    # one row per (method, mode, context), over all six cases: (1 + 2) / 6 right, bytes the mean of six
+    assert [(r["mode"], r["n"]) for r in got] == [("query_aware", 6), ("query_agnostic", 6)]
+    assert got[0]["accuracy"] == pytest.approx(0.5) and got[0]["kept_bytes"] == pytest.approx(3.5 / 3 * R.MiB)
+    assert got[0]["kept_fraction"] == pytest.approx(3.5 / 12)
+    # the same case measured twice is refused, and so is a row whose runs kept no records
+    with pytest.raises(ValueError, match="payloads 0 and 1 both hold passkey row"):
+        R.merge_runs([_passkey_run(varied), _passkey_run(varied[:1])])
+    with pytest.raises(ValueError, match="payloads 0 and 1 both hold passkey row"):
+        R.merge_runs([_passkey_run(varied), {"passkey": {"summary": _passkey_run(repetitive)["passkey"]["summary"]}}])
+    # RULER rows: score is the mean string-match-all, all_correct the fraction of fully right cases
+    ruler = [dict(method="full", mode="query_aware", context=4096, task=t, value_type=v, seed=s, haystack="varied",
+                  score=sc, correct=sc == 1.0, kept_tokens=1.0, kept_bytes=1.0, cache_bytes=1.0,
+                  full_cache_bytes=1.0, decode_ms_per_token=1.0)
+             for t, v, s, sc in [("niah_single", "word", 0, 1.0), ("common_words", None, 0, 0.2),
+                                 ("niah_single", "word", 1, 0.0), ("common_words", None, 1, 0.6)]]
+    runs = [{"ruler": {"by_context": ruler_summary(part, ("method", "mode", "context")), "records": part}}
+            for part in (ruler[:2], ruler[2:])]
+    (row,) = R.merge_runs(runs)["ruler"]
+    assert row["n"] == 4 and row["accuracy"] == pytest.approx(0.45) and row["all_correct"] == pytest.approx(0.25)
 
 
 def test_policy_table_script_errors_are_one_line(tmp_path, capsys):
