@@ -62,7 +62,7 @@ def workload_in_subprocess(calls: int = CALLS) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(calls)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
+                          env=env, cwd=root, timeout=1200)  # a hang guard, with room for a loaded machine
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -18,7 +18,7 @@ SNIPPETS = ("snippet_pikv_moe", "snippet_moe_strategies", "snippet_compression",
 @pytest.mark.slow
 def test_seed_guide_runs_every_snippet():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "seed_guide.py")], capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+                         timeout=1200, cwd=ROOT)  # a hang guard: 170 s idle, 600 s beside a long eval
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     starts = [text.index(f"{name}:") for name in SNIPPETS]
